@@ -1,0 +1,292 @@
+"""One configuration tree for every pdserve process.
+
+Each concern is a frozen dataclass; a server's config composes them. The CLI is generated from
+the fields (flag name, default and help live on the field), never mirrored by hand. Flag names
+follow SGLang's where they exist so that operators' habits carry over. Validation happens at
+construction and raises ``ValueError`` naming the flag. Constructing a config touches neither a
+GPU nor the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
+        cli: bool = True) -> Any:
+    """A config field that carries its CLI flag's help text (and optional choices / name)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{flag}: {msg}")
+
+
+def _check_choices(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{flag_name(f)}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: str = opt("smollm2", "Model: 'smollm2' (default, fetched on first use), a local "
+                          "folder (config.json + safetensors/.bin), a .gguf file, or a hub id.")
+    tokenizer_path: str | None = opt(None, "Tokenizer folder or file; defaults to the model's.")
+    tokenizer_mode: str = opt("auto", "Tokenizer implementation.", choices=("auto", "slow"))
+    load_format: str = opt("auto", "Weight format.", choices=("auto", "safetensors", "pt", "gguf", "dummy"))
+    dtype: str = opt("auto", "Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    context_length: int | None = opt(None, "Maximum context length; defaults to the model's.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub ids.")
+    download_dir: str | None = opt(None, "Where models are cached; defaults to ~/.cache/pdserve.")
+    device: str = opt("auto", "Device to run on.", choices=("auto", "cpu", "cuda"))
+    random_seed: int = opt(0, "Seed for dummy weights and for requests without a seed.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(bool(self.model_path), "--model-path", "must not be empty")
+        _check(self.context_length is None or self.context_length > 0, "--context-length",
+               f"must be positive, got {self.context_length}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = opt(16, "Tokens per KV page.")
+    mem_fraction_static: float | None = opt(None, "Fraction of device memory for weights + KV pool "
+                                            "(GPU default 0.88); on CPU, of free RAM (default 0.25).")
+    max_total_tokens: int | None = opt(None, "KV pool size in tokens; overrides --mem-fraction-static.")
+    kv_cache_dtype: str = opt("auto", "KV cache dtype.", choices=("auto", "fp8_e4m3", "fp8_e5m2"))
+    disable_radix_cache: bool = opt(False, "Turn the prefix (radix) cache off.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(self.page_size > 0 and (self.page_size & (self.page_size - 1)) == 0, "--page-size",
+               f"must be a positive power of two, got {self.page_size}")
+        _check(self.mem_fraction_static is None or 0.0 < self.mem_fraction_static < 1.0,
+               "--mem-fraction-static", f"must be in (0, 1), got {self.mem_fraction_static}")
+        _check(self.max_total_tokens is None or self.max_total_tokens >= self.page_size,
+               "--max-total-tokens", f"must be at least one page ({self.page_size}), got {self.max_total_tokens}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int | None = opt(None, "Most requests in the running batch (default: by pool size).")
+    chunked_prefill_size: int = opt(512, "Most prompt tokens of one request per forward step.")
+    max_prefill_tokens: int = opt(4096, "Most prompt tokens (all requests) per forward step.")
+    schedule_policy: str = opt("fcfs", "Waiting-queue order: first come, or longest prefix match.",
+                               choices=("fcfs", "lpm"))
+    schedule_conservativeness: float = opt(1.0, "How much output space to reserve when admitting; "
+                                           "higher admits fewer requests and retracts less.")
+    max_queued_requests: int = opt(4096, "Requests waiting beyond this are refused (overload).")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(self.chunked_prefill_size > 0, "--chunked-prefill-size",
+               f"must be positive, got {self.chunked_prefill_size}")
+        _check(self.max_prefill_tokens > 0, "--max-prefill-tokens", f"must be positive, got {self.max_prefill_tokens}")
+        _check(self.max_running_requests is None or self.max_running_requests > 0, "--max-running-requests",
+               f"must be positive, got {self.max_running_requests}")
+        _check(self.schedule_conservativeness > 0, "--schedule-conservativeness",
+               f"must be positive, got {self.schedule_conservativeness}")
+        _check(self.max_queued_requests > 0, "--max-queued-requests", "must be positive")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = opt(1, "Tensor-parallel size.", flag="--tp")
+    dp: int = opt(1, "Data-parallel size (with --enable-dp-attention: attention DP ranks).", flag="--dp")
+    enable_dp_attention: bool = opt(False, "Attention data-parallel, MLP tensor-parallel (decode).")
+    dist_init_addr: str | None = opt(None, "host:port for torch.distributed rendezvous.")
+
+    def __post_init__(self) -> None:
+        _check(self.tp >= 1, "--tp", f"must be >= 1, got {self.tp}")
+        _check(self.dp >= 1, "--dp", f"must be >= 1, got {self.dp}")
+        _check(not self.enable_dp_attention or self.dp > 1, "--enable-dp-attention", "needs --dp > 1")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    attention_backend: str = opt("auto", "Attention backend (auto: triton on GPU, torch on CPU).",
+                                 choices=("auto", "torch", "triton", "flashinfer"))
+    prefill_attention_backend: str | None = opt(None, "Override --attention-backend for prefill.",
+                                                choices=(None, "torch", "triton", "flashinfer"))
+    decode_attention_backend: str | None = opt(None, "Override --attention-backend for decode.",
+                                               choices=(None, "torch", "triton", "flashinfer"))
+    triton_attention_num_kv_splits: int = opt(8, "Splits over the context in Triton decode attention.")
+    triton_attention_reduce_in_fp32: bool = opt(False, "Reduce split attention outputs in fp32.")
+    cuda_graph_max_bs: int = opt(256, "Largest decode batch captured in a CUDA graph.")
+    disable_cuda_graph: bool = opt(False, "Run decode eagerly.")
+    disable_overlap_schedule: bool = opt(False, "Do not overlap CPU scheduling with GPU work.")
+    enable_torch_compile: bool = opt(False, "torch.compile the decode step.")
+    torch_compile_max_bs: int = opt(32, "Largest batch run through torch.compile.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(self.triton_attention_num_kv_splits >= 1, "--triton-attention-num-kv-splits", "must be >= 1")
+        _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    transfer_backend: str = opt("nixl", "KV transfer backend.", choices=("nixl",))
+    bootstrap_port: int = opt(0, "Port of this node's bootstrap (handshake) socket; 0 = any free port.")
+    heartbeat_interval_s: float = opt(0.5, "Seconds between liveness pings to transfer peers.")
+    peer_timeout_s: float = opt(3.0, "A peer silent this long is dead: its transfers fail, pages freed.")
+    transfer_timeout_s: float = opt(60.0, "Longest a reserved transfer may wait before it is failed.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(0 <= self.bootstrap_port < 65536, "--bootstrap-port", f"must be a port, got {self.bootstrap_port}")
+        _check(self.heartbeat_interval_s > 0, "--heartbeat-interval-s", "must be positive")
+        _check(self.peer_timeout_s > self.heartbeat_interval_s, "--peer-timeout-s",
+               "must exceed --heartbeat-interval-s")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Where a prefill/decode/colocated node listens and registers."""
+    host: str = opt("127.0.0.1", "Address this node binds and advertises.")
+    port: int = opt(0, "Port of the node's request socket; 0 = any free port.")
+    registry_url: str | None = opt(None, "Redis URL of the registry (redis://host:port/db).")
+    node_id: str | None = opt(None, "Name in the registry; default role-host-port.")
+    load_report_interval_s: float = opt(0.25, "Seconds between load reports to the registry.")
+    registry_ttl_s: float = opt(3.0, "Registry record TTL; refreshed by heartbeat.")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "--port", f"must be a port, got {self.port}")
+        _check(self.registry_ttl_s > self.load_report_interval_s, "--registry-ttl-s",
+               "must exceed --load-report-interval-s")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = opt("127.0.0.1", "HTTP bind address.")
+    port: int = opt(8000, "HTTP port.")
+    registry_url: str | None = opt(None, "Redis URL of the registry.")
+    policy: str = opt("least_load", "How to pick a (prefill, decode) pair.",
+                      choices=("round_robin", "least_load", "power_of_two", "cache_aware"))
+    api_key: str | None = opt(None, "Require 'Authorization: Bearer KEY'.")
+    served_model_name: str | None = opt(None, "Model name in the API; defaults to the model path's name.")
+    chat_template: str | None = opt(None, "Jinja chat template (file or inline) overriding the tokenizer's.")
+    max_request_bytes: int = opt(4 << 20, "Largest request body accepted.")
+    allow_auto_truncate: bool = opt(False, "Cut prompts beyond the context length instead of refusing them.")
+    max_prefill_retries: int = opt(2, "Times a request is re-prefilled on another node after a prefill failure.")
+    request_timeout_s: float = opt(600.0, "Longest a request may run.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(0 < self.port < 65536, "--port", f"must be a port, got {self.port}")
+        _check(self.max_request_bytes > 0, "--max-request-bytes", "must be positive")
+        _check(self.max_prefill_retries >= 0, "--max-prefill-retries", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine (colocated, prefill or decode) needs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A node process: its engine, its transfer settings and where it lives."""
+    role: str = opt("colocated", "Node role.", choices=("prefill", "decode", "colocated"), cli=False)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI generation
+
+
+def _base_type(tp: Any) -> type:
+    """``int | None`` -> int; ``str`` -> str."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing))  # annotations are strings under `from __future__ import annotations`
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _resolved_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: set[str] = frozenset()) -> None:
+    """Add one flag per leaf field of the config dataclass ``cls`` (recursing into sub-configs)."""
+    for f, tp in _resolved_fields(cls):
+        if _is_config(tp):
+            add_config_args(parser, tp, skip=skip)
+            continue
+        if not f.metadata.get("cli", True) or f.name in skip:
+            continue
+        name, help_text = flag_name(f), f.metadata.get("help", "")
+        base = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if base is bool:
+            parser.add_argument(name, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        choices = f.metadata.get("choices")
+        if choices:
+            choices = [c for c in choices if c is not None]
+        parser.add_argument(name, dest=f.name, type=base, choices=choices, default=argparse.SUPPRESS,
+                            metavar=None if choices else base.__name__.upper(),
+                            help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace | dict, **overrides: Any) -> T:
+    """Build ``cls`` from parsed args (only flags the user gave override defaults)."""
+    values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    values.update(overrides)
+    return _build(cls, values)
+
+
+def _build(cls: type[T], values: dict) -> T:
+    kwargs = {}
+    for f, tp in _resolved_fields(cls):
+        if _is_config(tp):
+            kwargs[f.name] = _build(tp, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def engine_config(**flags: Any) -> EngineConfig:
+    """Python-API form: ``engine_config(model_path=..., page_size=16)``; unknown names are errors."""
+    known = {f.name for f in _leaf_fields(EngineConfig)}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {', '.join(unknown)}")
+    return _build(EngineConfig, flags)
+
+
+def _leaf_fields(cls: type) -> list[dataclasses.Field]:
+    out = []
+    for f, tp in _resolved_fields(cls):
+        out.extend(_leaf_fields(tp) if _is_config(tp) else [f])
+    return out

@@ -1,0 +1,87 @@
+"""The scheduler -> runner contract: plain data describing one forward step.
+
+A step holds any mix of prefill chunks and decode tokens (ragged, concatenated). Each sequence
+contributes ``len(input_ids)`` new tokens at positions ``start_pos ..``; its pages cover the whole
+context after the step. The runner turns a list of ``SeqChunk`` into a ``ForwardBatch`` of tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SeqChunk:
+    rid: str
+    input_ids: list[int]        # new tokens this step
+    start_pos: int              # tokens already in the KV cache (cached prefix + earlier chunks)
+    page_ids: list[int]         # the request's page table, covering start_pos + len(input_ids)
+    need_logits: bool = True    # False for a prefill chunk that is not the prompt's last
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def kv_len(self) -> int:
+        return self.start_pos + len(self.input_ids)
+
+
+@dataclass
+class ForwardBatch:
+    seqs: list[SeqChunk]
+    input_ids: torch.Tensor        # [T] int64
+    positions: torch.Tensor        # [T] int64
+    out_loc: torch.Tensor          # [T] int64, slot where each new token's K/V goes
+    q_starts: list[int]            # per seq, offset of its first new token in the T axis
+    kv_locs: list[torch.Tensor]    # per seq, [kv_len] slots of its whole context (after the step)
+    logits_idx: torch.Tensor       # [N] token indices whose logits are needed (N = seqs needing them)
+    is_decode: bool                # every seq has exactly one new token
+    extras: dict = field(default_factory=dict)  # backend-specific metadata (e.g. Triton page tables)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+
+def page_slots(page_ids: list[int], length: int, page_size: int) -> torch.Tensor:
+    """Slots of the first ``length`` tokens of a page table -> [length] int64."""
+    pages = torch.tensor(page_ids, dtype=torch.int64)
+    slots = (pages[:, None] * page_size + torch.arange(page_size, dtype=torch.int64)[None, :]).reshape(-1)
+    if slots.numel() < length:
+        raise ValueError(f"page table covers {slots.numel()} tokens, need {length}")
+    return slots[:length]
+
+
+def build_forward_batch(seqs: list[SeqChunk], page_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    ids: list[int] = []
+    positions: list[int] = []
+    q_starts: list[int] = []
+    kv_locs: list[torch.Tensor] = []
+    out_locs: list[torch.Tensor] = []
+    logits_idx: list[int] = []
+    for s in seqs:
+        q_starts.append(len(ids))
+        ids.extend(s.input_ids)
+        positions.extend(range(s.start_pos, s.kv_len))
+        slots = page_slots(s.page_ids, s.kv_len, page_size)
+        kv_locs.append(slots.to(device))
+        out_locs.append(slots[s.start_pos:])
+        if s.need_logits:
+            logits_idx.append(len(ids) - 1)
+    return ForwardBatch(
+        seqs=seqs,
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        out_loc=torch.cat(out_locs).to(device) if out_locs else torch.empty(0, dtype=torch.int64, device=device),
+        q_starts=q_starts,
+        kv_locs=kv_locs,
+        logits_idx=torch.tensor(logits_idx, dtype=torch.int64, device=device),
+        is_decode=all(s.num_new_tokens == 1 for s in seqs),
+    )
