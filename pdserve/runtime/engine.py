@@ -1,0 +1,218 @@
+"""The colocated engine: token-level core (used by nodes) and the Python API on top.
+
+``EngineCore.step()`` = schedule (plain data) -> forward -> sample -> commit, and returns what
+each request gained this step. A failed step fails only the requests in it; the engine goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.config import EngineConfig, engine_config
+from pdserve.protocol import TokenLogprob
+from pdserve.runtime.kv_manager import KVManager
+from pdserve.runtime.model_runner import ModelRunner
+from pdserve.runtime.request import Request
+from pdserve.runtime.scheduler import ScheduledStep, Scheduler
+from pdserve.sampling_params import SamplingParams, sampling_params_from
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step (a streaming delta), with the final state if finished."""
+    rid: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    matched_stop: int | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def take_delta(req: Request) -> RequestOutput:
+    """The tokens of ``req`` not yet handed out (and the finish state)."""
+    start = req.num_sent
+    req.num_sent = len(req.output_ids)
+    lp = req.logprobs[start:] if req.params.logprobs else None
+    top = req.top_logprobs[start:] if req.params.logprobs and req.params.top_logprobs else None
+    return RequestOutput(rid=req.rid, token_ids=req.output_ids[start:], logprobs=lp, top_logprobs=top,
+                         finished=req.is_finished, finish_reason=req.finish_reason,
+                         matched_stop=req.matched_stop, error=req.error,
+                         prompt_tokens=len(req.prompt_ids), cached_tokens=req.num_cached)
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, context_length: int) -> None:
+    """Raise ValueError (one line, naming the field) for a request the engine cannot serve."""
+    if not prompt_ids:
+        raise ValueError("prompt: must contain at least one token")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt: token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if len(prompt_ids) >= context_length:
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens do not fit the context length {context_length} "
+                         f"(at least one output token is needed)")
+    params.validate(vocab_size)
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+class EngineCore:
+    def __init__(self, cfg: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.cfg = cfg
+        self.runner = runner or ModelRunner(cfg)
+        self.kv = KVManager(self.runner.pool.num_pages, cfg.cache.page_size,
+                            enable_prefix_cache=not cfg.cache.disable_radix_cache)
+        max_running = cfg.scheduler.max_running_requests or min(256, self.kv.num_pages)
+        self.scheduler = Scheduler(cfg.scheduler, self.kv, max_running, self.runner.context_length)
+        self.eos_ids = frozenset(self.runner.loaded.eos_token_ids)
+        self._pending: list[RequestOutput] = []   # outputs produced outside step() (aborts)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.context_length
+
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        validate_request(prompt_ids, params, self.vocab_size, self.context_length)
+        req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, eos_token_ids=self.eos_ids,
+                      generator=make_generator(params, self.runner.device))
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, rid: str, reason: str = "abort") -> bool:
+        req = self.scheduler.abort(rid, reason)
+        if req is not None:
+            self._pending.append(take_delta(req))
+        return req is not None
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.num_requests > 0 or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        step = self.scheduler.schedule()
+        if not step:
+            return outputs
+        try:
+            sampled = self._forward_and_sample(step)
+        except Exception as exc:  # a bad step fails its requests, never the engine
+            log.exception("forward step failed")
+            return outputs + self._fail(step, f"internal error: {exc}")
+        self.scheduler.commit(step, sampled)
+        seen = set()
+        for req in step.reqs:
+            if id(req) not in seen and (req.num_sent < len(req.output_ids) or req.is_finished):
+                seen.add(id(req))
+                outputs.append(take_delta(req))
+        return outputs
+
+    def _forward_and_sample(self, step: ScheduledStep) -> dict[int, tuple]:
+        logits = self.runner.forward(step.seqs)
+        idx = [i for i, s in enumerate(step.seqs) if s.need_logits]
+        if not idx:
+            return {}
+        out = self.runner.sampler.sample(logits, [step.reqs[i] for i in idx])
+        return {i: (t, lp, top) for i, t, lp, top in zip(idx, out.token_ids, out.logprobs, out.top_logprobs)}
+
+    def _fail(self, step: ScheduledStep, error: str) -> list[RequestOutput]:
+        outs = []
+        for req in {id(r): r for r in step.reqs}.values():
+            self.scheduler.abort(req.rid, "error")
+            req.error = error
+            outs.append(take_delta(req))
+        return outs
+
+    def load(self) -> dict:
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "free_pages": self.kv.num_free, "total_pages": self.kv.num_pages}
+
+
+class Engine:
+    """Python API: ``Engine(model_path="smollm2", **flags).generate(prompts, sampling_params)``."""
+
+    def __init__(self, model_path: str = "smollm2", **flags) -> None:
+        self.config = engine_config(model_path=model_path, **flags)
+        self.core = EngineCore(self.config)
+        self.tokenizer = self.core.runner.tokenizer
+
+    def _prepare(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of strings or of token-id lists")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
+            params = [sampling_params_from(p) for p in sampling_params]
+        else:
+            params = [sampling_params_from(sampling_params)] * len(prompts)
+        items = []
+        for prompt, p in zip(prompts, params):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            validate_request(ids, p, self.core.vocab_size, self.core.context_length)
+            items.append((ids, p))
+        return items
+
+    def generate(self, prompts, sampling_params=None) -> list[dict]:
+        """Run prompts (strings or token-id lists) to completion; one result dict per prompt."""
+        items = self._prepare(prompts, sampling_params)
+        rids = [f"gen-{next(_ids)}" for _ in items]
+        reqs = {rid: self.core.add_request(rid, ids, p) for rid, (ids, p) in zip(rids, items)}
+        while any(not r.is_finished for r in reqs.values()):
+            self.core.step()
+        return [self._result(reqs[rid]) for rid in rids]
+
+    def stream(self, prompt, sampling_params=None) -> Iterator[dict]:
+        """Yield ``{"text", "token_ids", "finished", "finish_reason", ...}`` deltas for one prompt."""
+        if isinstance(sampling_params, list):
+            raise ValueError("sampling_params: stream() takes one prompt and one sampling_params dict")
+        ((ids, p),) = self._prepare([prompt], sampling_params)
+        rid = f"gen-{next(_ids)}"
+        req = self.core.add_request(rid, ids, p)
+        text_so_far = ""
+        try:
+            while True:
+                for out in self.core.step():
+                    if out.rid != rid:
+                        continue
+                    text = self.tokenizer.decode(req.output_ids[:req.num_sent])
+                    delta, text_so_far = text[len(text_so_far):], text
+                    yield {"text": delta, "token_ids": out.token_ids, "logprobs": out.logprobs,
+                           "finished": out.finished, "finish_reason": out.finish_reason}
+                    if out.finished:
+                        return
+        finally:
+            if not req.is_finished:
+                self.core.abort(rid)
+
+    def _result(self, req: Request) -> dict:
+        res = {"text": self.tokenizer.decode(req.output_ids), "token_ids": list(req.output_ids),
+               "finish_reason": req.finish_reason, "prompt_tokens": len(req.prompt_ids),
+               "completion_tokens": len(req.output_ids), "cached_tokens": req.num_cached}
+        if req.params.logprobs:
+            res["logprobs"] = list(req.logprobs)
+            if req.params.top_logprobs:
+                res["top_logprobs"] = [[(t.token_id, t.logprob) for t in row] for row in req.top_logprobs]
+        if req.error:
+            res["error"] = req.error
+        return res

@@ -1,0 +1,107 @@
+"""Loads the model, sizes and allocates the KV pool, and executes scheduled steps.
+
+Every engine role (colocated, prefill, decode) owns one ``ModelRunner``; the scheduler hands it
+plain ``SeqChunk`` lists and gets logits back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pdserve.config import CacheConfig, EngineConfig
+from pdserve.runtime.attention import make_attention_backend
+from pdserve.runtime.forward import SeqChunk, build_forward_batch
+from pdserve.runtime.kv_pool import KVLayout, KVPool
+from pdserve.runtime.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_MEM_FRACTION = 0.05   # of available RAM: several nodes share one CPU box
+GPU_DEFAULT_MEM_FRACTION = 0.88
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, context_length: int) -> int:
+    """How many pages the KV pool gets, from --max-total-tokens or --mem-fraction-static."""
+    if cache.max_total_tokens is not None:
+        return -(-cache.max_total_tokens // layout.page_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        frac = cache.mem_fraction_static or GPU_DEFAULT_MEM_FRACTION
+        budget = total * frac - (total - free)  # what is already used (weights, other tenants) comes off
+        flag = "--mem-fraction-static"
+    else:
+        frac = cache.mem_fraction_static or CPU_DEFAULT_MEM_FRACTION
+        budget = _available_ram_bytes() * frac
+        flag = "--mem-fraction-static"
+    num_pages = int(budget // layout.page_nbytes)
+    min_pages = -(-context_length // layout.page_size)
+    if num_pages < min_pages:
+        raise ValueError(f"{flag}: {frac} leaves room for {max(num_pages, 0) * layout.page_size} KV tokens, "
+                         f"less than one full context ({context_length}); raise it, lower --context-length, "
+                         f"or give --max-total-tokens")
+    return num_pages
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig) -> None:
+        from pdserve.loader import load_model  # heavy imports stay out of config-only paths
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.model.device)
+        torch.manual_seed(cfg.model.random_seed)
+        self.loaded = load_model(cfg.model, self.device)
+        self.model = self.loaded.model
+        arch = self.loaded.arch
+        self.context_length = self.loaded.context_length
+        self.vocab_size = arch.vocab_size
+        self.layout = KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads // cfg.parallel.tp,
+                               head_dim=arch.head_dim, page_size=cfg.cache.page_size,
+                               dtype=str(self.loaded.dtype).removeprefix("torch."))
+        num_pages = pool_pages(cfg.cache, self.layout, self.device, self.context_length)
+        self.pool = KVPool(num_pages, self.layout, self.device)
+        backend = cfg.kernel.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.attn = make_attention_backend(backend, self.pool)
+        self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed)
+        log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
+                 cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
+                 num_pages * self.layout.page_nbytes / 2**20, backend)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[SeqChunk]) -> torch.Tensor:
+        """Run one step; returns logits ``[N, vocab]`` for the seqs with ``need_logits``."""
+        batch = build_forward_batch(seqs, self.layout.page_size, self.device)
+        self.attn.init_batch(batch)
+        hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
+        return self.model.compute_logits(hidden[batch.logits_idx])

@@ -1,0 +1,116 @@
+"""Batched sampling: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Logprobs are those of the model's own distribution (log-softmax of the raw logits, before
+penalties and temperature), as vLLM reports by default. Greedy rows take the argmax after
+penalties. Sampled rows draw with the exponential-race trick (argmax of p / E, E ~ Exp(1)) so
+a per-request ``torch.Generator`` seeds exactly its own row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.protocol import TokenLogprob
+from pdserve.runtime.request import Request
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[TokenLogprob] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleOutput:
+        """logits ``[N, V]`` (any float dtype; padded vocab is cut) -> one token per request."""
+        logits = logits[:, :self.vocab_size].float()
+        want_lp = [r.params.logprobs for r in reqs]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # [N, V]
+        logits = self._apply_penalties(logits, reqs)
+        tokens = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        greedy = [i for i, r in enumerate(reqs) if r.params.is_greedy]
+        sampled = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if sampled:
+            tokens[sampled] = self._sample_rows(logits[sampled], [reqs[i] for i in sampled])
+        token_list = tokens.tolist()
+        lps: list[float | None] = [None] * len(reqs)
+        tops: list[list[TokenLogprob] | None] = [None] * len(reqs)
+        if raw_lp is not None:
+            chosen = raw_lp.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(r.params.top_logprobs for r in reqs)
+            top_v, top_i = (raw_lp.topk(k, dim=-1) if k else (None, None))
+            for i, r in enumerate(reqs):
+                if not r.params.logprobs:
+                    continue
+                lps[i] = chosen[i]
+                n = r.params.top_logprobs
+                if n:
+                    tops[i] = [TokenLogprob(t, v) for t, v in zip(top_i[i, :n].tolist(), top_v[i, :n].tolist())]
+        return SampleOutput(token_list, lps, tops)
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(reqs) if r.params.has_penalties or _blocks_stop(r)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            r, p = reqs[i], reqs[i].params
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.all_ids)), dtype=torch.int64, device=row.device)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.frequency_penalty or p.presence_penalty) and r.output_ids:
+                out = torch.tensor(r.output_ids, dtype=torch.int64, device=row.device)
+                counts = torch.bincount(out, minlength=self.vocab_size)[:self.vocab_size].to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            if _blocks_stop(r):
+                stop = [t for t in set(p.stop_token_ids) | set(r.eos_token_ids) if t < self.vocab_size]
+                row[stop] = float("-inf")
+        return logits
+
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logits ``[M, V]`` of rows that sample -> ``[M]`` token ids."""
+        dev = logits.device
+        temps = torch.tensor([r.params.temperature for r in reqs], device=dev)[:, None]
+        probs = torch.softmax(logits / temps, dim=-1)
+        probs = _filter(probs, reqs)
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            gen = r.generator or self.generator
+            noise[i].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _blocks_stop(r: Request) -> bool:
+    return len(r.output_ids) < r.params.min_new_tokens
+
+
+def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Apply top-k, top-p and min-p to ``probs [M, V]`` (rows renormalised implicitly by argmax)."""
+    top_k = [r.params.top_k for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    min_p = [r.params.min_p for r in reqs]
+    if all(k == -1 for k in top_k) and all(p == 1.0 for p in top_p) and all(m == 0.0 for m in min_p):
+        return probs
+    dev, vocab = probs.device, probs.shape[-1]
+    sorted_p, order = probs.sort(dim=-1, descending=True)           # [M, V]
+    rank = torch.arange(vocab, device=dev)[None, :]
+    k = torch.tensor([vocab if x == -1 else x for x in top_k], device=dev)[:, None]
+    drop = rank >= k
+    cum = sorted_p.cumsum(dim=-1)
+    drop |= (cum - sorted_p) > torch.tensor(top_p, device=dev)[:, None]  # keep the token that crosses p
+    drop |= sorted_p < torch.tensor(min_p, device=dev)[:, None] * sorted_p[:, :1]
+    drop[:, 0] = False
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_p)

@@ -1,0 +1,166 @@
+"""Continuous-batching scheduler with chunked prefill mixed into decode steps.
+
+One request's path: ``add`` puts it in ``waiting``. A step first gives every decoding request in
+``running`` room for one more token (retracting the newest requests back to ``waiting`` when pages
+run out), then spends ``max_prefill_tokens`` on prompts: the request already mid-prefill first,
+then waiting requests in policy order (fcfs, or lpm: longest cached prefix first), each admitted
+only if its chunk and a reserve for the running batch's future output fit in the pool. A prompt
+longer than ``chunked_prefill_size`` takes several steps. ``schedule`` returns plain data (no model
+involved); ``commit`` applies the sampled tokens and retires finished requests, whose pages go to
+the prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.config import SchedulerConfig
+from pdserve.runtime.forward import SeqChunk
+from pdserve.runtime.kv_manager import KVManager, pages_for
+from pdserve.runtime.request import Request, Status
+
+RESERVE_CLIP_TOKENS = 4096     # a request's future output counted in the reserve at most this much
+
+
+@dataclass
+class ScheduledStep:
+    reqs: list[Request]
+    seqs: list[SeqChunk]        # seqs[i] belongs to reqs[i]
+
+    @property
+    def sampling_reqs(self) -> list[Request]:
+        return [r for r, s in zip(self.reqs, self.seqs) if s.need_logits]
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVManager, max_running: int, max_seq_len: int) -> None:
+        self.cfg = cfg
+        self.max_seq_len = max_seq_len
+        self.kv = kv
+        self.max_running = max_running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.init_token_ratio = min(1.0, 0.7 * cfg.schedule_conservativeness)
+        self.min_token_ratio = min(self.init_token_ratio, 0.1 * cfg.schedule_conservativeness)
+        self.new_token_ratio = self.init_token_ratio
+        self.num_retractions = 0
+
+    # -- queue management ---------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def abort(self, rid: str, reason: str = "abort") -> Request | None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self.kv.release(req, cache=False)
+                    req.finish(reason)
+                    return req
+        return None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep([], [])
+        self._schedule_decode(step)
+        self._schedule_prefill(step)
+        if not any(r.is_prefilling for r in self.running):
+            self.new_token_ratio = max(self.min_token_ratio, self.new_token_ratio - 0.001)
+        return step
+
+    def _schedule_decode(self, step: ScheduledStep) -> None:
+        for req in sorted((r for r in self.running if not r.is_prefilling), key=lambda r: r.arrival_time):
+            if req.status is not Status.RUNNING:
+                continue  # retracted by an earlier iteration
+            while not self.kv.ensure_capacity(req, req.seq_len):
+                # Decode requests are visited oldest first, so the newest is never one already
+                # placed in this step; retract it (possibly ``req`` itself) until ``req`` fits.
+                victim = max(self.running, key=lambda r: r.arrival_time)
+                self._retract(victim)
+                if victim is req:
+                    break
+            if req.status is Status.RUNNING:
+                step.reqs.append(req)
+                step.seqs.append(_chunk(req, 1))
+
+    def _schedule_prefill(self, step: ScheduledStep) -> None:
+        budget = self.cfg.max_prefill_tokens
+        for req in [r for r in self.running if r.is_prefilling]:
+            budget = self._add_prefill_chunk(step, req, budget)
+            if budget <= 0:
+                return
+        if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
+            self.waiting = deque(sorted(self.waiting, key=lambda r: -self.kv.prefix_len(r.all_ids)))
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            self.kv.match_prefix(req)
+            n = min(req.num_pending, self.cfg.chunked_prefill_size, budget)
+            need = pages_for(req.num_computed + n, self.kv.page_size) - len(req.page_ids)
+            if need + self._reserve_pages(extra=req) > self.kv.available_pages():
+                self.kv.release(req, cache=False)  # give back the matched prefix references
+                req.num_cached = 0
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            budget = self._add_prefill_chunk(step, req, budget)
+
+    def _add_prefill_chunk(self, step: ScheduledStep, req: Request, budget: int) -> int:
+        n = min(req.num_pending, self.cfg.chunked_prefill_size, budget)
+        if n <= 0 or not self.kv.ensure_capacity(req, req.num_computed + n):
+            return budget
+        step.reqs.append(req)
+        step.seqs.append(_chunk(req, n))
+        return budget - n
+
+    def _reserve_pages(self, extra: Request) -> int:
+        """Pages to keep free for the running batch's (and ``extra``'s) future output."""
+        tokens = 0
+        for r in [*self.running, extra]:
+            remaining = r.params.max_new_tokens - len(r.output_ids)
+            tokens += min(remaining, RESERVE_CLIP_TOKENS) * self.new_token_ratio
+            tokens += r.num_pending if r is extra else 0
+        return pages_for(int(tokens), self.kv.page_size)
+
+    # -- retraction ---------------------------------------------------------------------------
+    def _retract(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.release(req, cache=True)  # its computed pages stay reusable through the cache
+        req.status = Status.WAITING
+        req.num_retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
+        self.new_token_ratio = self.init_token_ratio
+
+    # -- after the forward --------------------------------------------------------------------
+    def commit(self, step: ScheduledStep, sampled: dict[int, tuple]) -> list[Request]:
+        """Advance computed counts; ``sampled[i] = (token, logprob, top)`` for step index i.
+
+        Returns the requests that finished in this step (already out of ``running``).
+        """
+        finished = []
+        for i, (req, seq) in enumerate(zip(step.reqs, step.seqs)):
+            req.num_computed += seq.num_new_tokens
+            if i in sampled and not req.is_finished:
+                req.append_token(*sampled[i])
+                if not req.is_finished and req.seq_len >= self.max_seq_len:
+                    req.finish("length")
+            if req.is_finished:
+                self.running.remove(req)
+                self.kv.release(req, cache=True)
+                finished.append(req)
+        return finished
+
+
+def _chunk(req: Request, n: int) -> SeqChunk:
+    start = req.num_computed
+    return SeqChunk(rid=req.rid, input_ids=req.all_ids[start:start + n], start_pos=start,
+                    page_ids=list(req.page_ids), need_logits=start + n == req.seq_len)
