@@ -1,0 +1,258 @@
+"""Tensor-parallel-aware building blocks.
+
+Every parameter-holding layer knows its shard (``TPInfo``) and has a ``weight_loader`` that takes
+the *full* HF tensor and copies in its slice, so a checkpoint loads the same way at any TP size.
+At ``tp.size == 1`` the layers are plain matmuls; no collective runs.
+
+Fusion: q/k/v are one matmul (``QKVParallelLinear``) and gate/up are one
+(``MergedColumnParallelLinear``). On CPU this halves the number of GEMM calls per layer, which
+matters at small batch where per-call overhead dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TPInfo:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed process group; None = the default group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's ``x`` along the last dim."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"--tp: {what} ({n}) is not divisible by the TP size {d}")
+    return n // d
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"weight {name}: checkpoint shard has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W's output rows split over TP ranks; ``output_sizes`` lists fused parts.
+
+    The weight holds each part's shard back to back: ``[sum(output_sizes) / tp, in]``. A part is
+    loaded by ``weight_loader(param, full_tensor, shard_id=index)``.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TPInfo,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.tp = tp
+        self.input_size = input_size
+        self.shard_sizes = [_divide(s, tp.size, "output size") for s in output_sizes]
+        out = sum(self.shard_sizes)
+        self.weight = _param((out, input_size), dtype, device)  # [out / tp, in]
+        self.bias = _param((out,), dtype, device) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        """(offset in this rank's output, rows in this rank's shard, start row in the full part)."""
+        offset = sum(self.shard_sizes[:shard_id])
+        size = self.shard_sizes[shard_id]
+        return offset, size, self.tp.rank * size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        offset, size, start = self.shard_range(shard_id)
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size), "column shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """gate_up: two column-parallel outputs of the same size in one matmul."""
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v in one matmul. Query heads split over ranks; KV heads too, or replicated when
+    there are fewer KV heads than ranks (each rank keeps the one its query heads use)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TPInfo, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp.size, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = _divide(num_kv_heads, tp.size, "num_key_value_heads")
+            self.kv_head_start = tp.rank * self.num_kv_heads
+        else:
+            _divide(tp.size, num_kv_heads, "TP size over num_key_value_heads")
+            self.num_kv_heads = 1
+            self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        super().__init__(hidden_size, [q * tp.size, kv * tp.size, kv * tp.size], bias, tp, dtype, device)
+
+    def shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        offset, size, start = super().shard_range(shard_id)
+        if shard_id > 0:  # k or v: where this rank's KV heads start in the full tensor
+            start = self.kv_head_start * self.head_dim
+        return offset, size, start
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W's input columns split over ranks; partial sums all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPInfo,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.tp = tp
+        self.input_shard = _divide(input_size, tp.size, "input size")
+        self.weight = _param((output_size, self.input_shard), dtype, device)  # [out, in / tp]
+        self.bias = _param((output_size,), dtype, device) if bias else None
+        self.weight.weight_loader = self.weight_loader
+        if self.bias is not None:
+            self.bias.weight_loader = self.bias_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        start = self.tp.rank * self.input_shard
+        _copy(param.data, loaded.narrow(1, start, self.input_shard), "row shard")
+
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _copy(param.data, loaded, "row bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp.rank == 0 else None  # added once, before the reduce
+        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks (vocab padded to a multiple of tp); lookups outside this
+    rank's range give zeros and the all-reduce fills them in."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, dtype: torch.dtype,
+                 device: torch.device | str, shared: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard_rows = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.shard_rows
+        if shared is not None:  # tied embeddings: the same storage, loaded once
+            self.weight = shared
+            return
+        self.weight = _param((self.shard_rows, hidden_size), dtype, device)  # [vocab / tp, hidden]
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        rows = max(0, min(self.shard_rows, loaded.shape[0] - self.start))
+        param.data[rows:].zero_()
+        _copy(param.data[:rows], loaded[self.start:self.start + rows], "vocab shard")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.shard_rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection, vocab split over ranks; logits gathered to the full vocab."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight)  # [N, vocab / tp]
+        return self.tp.all_gather_last(local)[:, :self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 as HF does; ``forward(x, residual)`` first adds the
+    residual and returns (normed, new residual)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), dtype, device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * normed.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] (gate | up) -> [T, I] = silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE with a precomputed cos/sin cache indexed by position.
+
+    ``scaling``: None (default), ``linear`` (positions / factor) or ``llama3`` (per-frequency
+    wavelength-dependent scaling, as in Llama 3.1).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = _scale_inv_freq(inv_freq, scaling or {})
+        t = torch.arange(max_positions, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
+        self.register_buffer("cos", freqs.cos().to(device), persistent=False)
+        self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same shapes and dtype)."""
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D / 2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"--model-path: RoPE scaling type {kind!r} is not supported")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)

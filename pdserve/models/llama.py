@@ -1,0 +1,181 @@
+"""One decoder for the Llama family: Llama 2/3 (llama3 RoPE), SmolLM2, Mistral, Qwen2/2.5
+(q/k/v bias), Qwen3 (per-head q/k RMSNorm). GQA and tied embeddings throughout.
+
+Token-flat: every tensor is ``[T, ...]`` over the step's ragged tokens (prefill chunks and decode
+tokens mixed); the attention backend owns the KV cache and the per-sequence structure.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pdserve.models.arch import ModelArch
+from pdserve.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                                   RotaryEmbedding, RowParallelLinear, TPInfo, VocabParallelEmbedding,
+                                   silu_and_mul)
+from pdserve.runtime.attention import AttentionBackend
+from pdserve.runtime.forward import ForwardBatch
+
+# HF checkpoint name part -> (our fused parameter name part, shard id)
+STACKED_PARAMS = (
+    (".q_proj.", ".qkv_proj.", 0),
+    (".k_proj.", ".qkv_proj.", 1),
+    (".v_proj.", ".qkv_proj.", 2),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPInfo, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                                          arch.attention_bias, tp, dtype, device)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.scale = arch.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)     # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = attn.forward(self.layer_idx, q, k, v, batch, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TPInfo, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        inter = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [inter, inter], False, tp, dtype, device)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2I / tp] -> [T, I / tp] -> [T, H]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPInfo, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device)
+        self.mlp = LlamaMLP(arch, tp, dtype, device)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+
+    def forward(self, x, residual, positions, rope, batch, attn):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rope, batch, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TPInfo, dtype: torch.dtype, device, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
+                                          arch.rope_scaling_dict or None, device)
+
+    def forward(self, input_ids, positions, batch, attn) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.rotary_emb, batch, attn)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 tp_rank: int = 0, tp_size: int = 1, tp_group=None, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.tp = TPInfo(tp_rank, tp_size, tp_group)
+        max_positions = max(max_positions or 0, arch.max_position_embeddings)
+        self.model = LlamaModel(arch, self.tp, dtype, device, max_positions)
+        shared = self.model.embed_tokens.weight if arch.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, self.tp, dtype, device, shared=shared)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                attn: AttentionBackend) -> torch.Tensor:
+        """input_ids [T], positions [T] -> final-normed hidden states [T, hidden]."""
+        return self.model(input_ids, positions, batch, attn)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return self.lm_head.logits(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; each layer slices its own TP shard. Raises if any is missing."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            target, shard = _target_name(name)
+            if target not in params:
+                raise ValueError(f"--model-path: checkpoint tensor {name!r} has no place in {self.arch.architecture}")
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            with torch.no_grad():
+                if shard is not None:
+                    loader(param, tensor, shard)
+                elif loader is not None:
+                    loader(param, tensor)
+                else:
+                    _plain_copy(param, tensor, name)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        _check_complete(self, params, loaded)
+
+
+def _target_name(name: str) -> tuple[str, int | None]:
+    for hf_part, ours, shard in STACKED_PARAMS:
+        if hf_part in name:
+            return name.replace(hf_part, ours), shard
+    return name, None
+
+
+def _plain_copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def _check_complete(model: LlamaForCausalLM, params: dict[str, torch.Tensor], loaded: set[str]) -> None:
+    expected: set[str] = set()
+    for name in params:
+        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+            continue
+        if ".qkv_proj." in name:
+            expected.update(f"{name}#{i}" for i in range(3))
+        elif ".gate_up_proj." in name:
+            expected.update(f"{name}#{i}" for i in range(2))
+        else:
+            expected.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"--model-path: checkpoint lacks {len(missing)} weight(s): {shown}")
