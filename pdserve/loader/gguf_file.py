@@ -11,8 +11,9 @@ import os
 import re
 from typing import Any, Iterator
 
-import numpy as np
 import torch
+
+from pdserve.loader.gguf_parse import GGUFError, GGUFFile, dequantize
 
 GGUF_ARCH_TO_HF = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -39,24 +40,19 @@ _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
 _SKIPPED = {"rope_freqs.weight"}  # llama3 frequency factors: we recompute them from the config
 
 
-def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` over ``path``; a corrupt or truncated file -> ValueError naming the flag."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """The parsed file; a corrupt or truncated one -> ValueError naming the flag."""
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
-        raise ValueError(f"--model-path: {path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+        return GGUFFile(path)
+    except (GGUFError, OSError) as e:
+        raise ValueError(f"--model-path: {path} is not a readable GGUF file ({e})") from e
 
 
-def field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.get(key, default)
 
 
-def gguf_hf_config(reader) -> dict[str, Any]:
+def gguf_hf_config(reader: GGUFFile) -> dict[str, Any]:
     """The HF ``config.json`` dict this file's metadata describes."""
     arch = field(reader, "general.architecture")
     if arch not in GGUF_ARCH_TO_HF:
@@ -68,7 +64,7 @@ def gguf_hf_config(reader) -> dict[str, Any]:
 
     heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
-    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = meta("vocab_size") or len(reader.get("tokenizer.ggml.tokens", []))
     names = {t.name for t in reader.tensors}
     cfg: dict[str, Any] = {
         "architectures": [GGUF_ARCH_TO_HF[arch]],
@@ -107,33 +103,26 @@ def hf_tensor_name(name: str) -> str | None:
     raise ValueError(f"--model-path: unexpected GGUF tensor {name!r}")
 
 
-def gguf_tensors(reader, config: dict[str, Any], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_tensors(reader: GGUFFile, config: dict[str, Any], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor in ``dtype``) for every weight, dequantized and un-permuted."""
-    from gguf.quants import dequantize
-
     is_llama = config["architectures"][0] in ("LlamaForCausalLM", "MistralForCausalLM")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name)
         if hf_name is None:
             continue
-        try:
-            array = dequantize(t.data, t.tensor_type)  # [rows, cols] float32, HF orientation
-        except Exception as e:
-            raise ValueError(f"--model-path: GGUF tensor {t.name} cannot be read ({type(e).__name__}: {e})") from e
+        tensor = dequantize(t, torch.float32)  # [rows, cols], HF orientation
         if is_llama and ".q_proj." in hf_name:
-            array = _reverse_permute(array, heads)
+            tensor = _reverse_permute(tensor, heads)
         elif is_llama and ".k_proj." in hf_name:
-            array = _reverse_permute(array, kv_heads)
-        if not array.flags.writeable or not array.flags.c_contiguous:  # F32 tensors are views of the mmap
-            array = np.array(array, order="C")
-        yield hf_name, torch.from_numpy(array).to(dtype)
+            tensor = _reverse_permute(tensor, kv_heads)
+        yield hf_name, tensor.to(dtype)
 
 
-def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _reverse_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation: rows [head, pair, 2] -> [head, 2, pair]."""
     dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def file_identity(path: str) -> str:
