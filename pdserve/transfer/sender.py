@@ -1,0 +1,342 @@
+"""Prefill side: push a request's KV pages into a decode node's pages.
+
+One transfer, as the prefill scheduler sees it::
+
+    sender.expect(tid)                     # the PrefillReq arrived          -> WAITING_DEST
+    poll() -> DestReady(tid, dst_pages)    # decode's KVDest arrived         -> TRANSFERRING
+    sender.write(tid, src_pages, dst_index)   # per finished prefill chunk (may come before
+                                              # DestReady: queued, posted when the pages are known)
+    sender.finish(tid, payload)            # first token + logprobs
+    poll() -> TransferSent(tid, metrics)   # every write DONE, completion notif sent -> DONE
+    (or poll() -> TransferCancelled(tid, reason): decode cancelled, peer lost, write failed, timeout)
+
+A KVDest may arrive before ``expect`` (decode is fast, the PrefillReq still queued): it is kept
+for ``transfer_timeout_s`` and bound when ``expect`` comes; after that the decode is told (Cancel)
+so it frees the pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pdserve.config import TransferConfig
+from pdserve.runtime.kv_pool import KVPool
+from pdserve.transfer.base import (DestReady, MetricsRing, SenderEvent, TransferCancelled,
+                                   TransferError, TransferRecord, TransferSent, TransferState)
+from pdserve.transfer.channel import BootstrapChannel, PeerLost
+from pdserve.transfer.nixl_backend import NixlAgent, PeerPool, WriteHandle, agent_name, pool_info
+from pdserve.transfer.protocol import (Cancel, CancelAck, Handshake, HandshakeAccept,
+                                       HandshakeReject, KVDest, LayoutSpec, PoolInfo,
+                                       TransferComplete, TransferMetrics, check_compatible, encode)
+from pdserve.transfer.runs import coalesce
+
+log = logging.getLogger(__name__)
+S = TransferState
+
+
+@dataclass
+class _Send(TransferRecord):
+    dst_pages: list[int] | None = None
+    queued: list[tuple[list[int], int]] = field(default_factory=list)   # writes before DestReady
+    inflight: list[WriteHandle] = field(default_factory=list)
+    payload: bytes | None = None          # set by finish()
+    metrics: TransferMetrics | None = None
+    busy_since: float | None = None       # perf_counter when in-flight went 0 -> 1
+    first_post: float | None = None
+    tell_peer: bool = False               # send Cancel to decode once drained (we stopped it)
+    ack_peer: bool = False                # send CancelAck to decode once drained (it stopped it)
+
+
+class KVSender:
+    def __init__(self, pool: KVPool, fingerprint: str, cfg: TransferConfig, host: str, *,
+                 xfer_mode: str = "prepped", capture_telemetry: bool = False,
+                 metrics_capacity: int = 1024) -> None:
+        self.pool, self.cfg = pool, cfg
+        self.xfer_mode = xfer_mode            # "prepped" | "descs" (see nixl_backend)
+        self._nixl = NixlAgent(agent_name("prefill"), pool.buffer, pool.layout.page_nbytes,
+                               capture_telemetry=capture_telemetry)
+        self.agent_name = self._nixl.name
+        self._me = Handshake(pool=pool_info(self._nixl, pool), agent_metadata=b"",
+                             layout=LayoutSpec.of(pool.layout), fingerprint=fingerprint)
+        self._channel = BootstrapChannel(host, cfg.bootstrap_port, self.agent_name,
+                                         heartbeat_interval_s=cfg.heartbeat_interval_s,
+                                         peer_timeout_s=cfg.peer_timeout_s)
+        self.bootstrap_endpoint = self._channel.endpoint
+        self._peers: dict[str, PoolInfo] = {}                 # accepted decode agents
+        self._transfers: dict[str, _Send] = {}
+        self._early: dict[str, tuple[str, list[int], float]] = {}   # tid -> (peer, pages, t)
+        self._events: list[SenderEvent] = []
+        self.metrics_ring = MetricsRing(metrics_capacity)
+
+    # -- scheduler API ------------------------------------------------------------------------
+    def expect(self, transfer_id: str) -> None:
+        """The prefill request for ``transfer_id`` is here; DestReady follows (maybe already)."""
+        old = self._transfers.get(transfer_id)
+        if old is not None and not old.state.is_terminal:
+            raise TransferError(f"transfer {transfer_id} is already live ({old.state.value})")
+        rec = _Send(transfer_id, peer="", state=S.WAITING_DEST,
+                    metrics=TransferMetrics(transfer_id=transfer_id))
+        self._transfers[transfer_id] = rec
+        early = self._early.pop(transfer_id, None)
+        if early is not None:
+            self._bind_dest(rec, early[0], early[1])
+
+    def write(self, transfer_id: str, src_pages: list[int], dst_index: int) -> bool:
+        """Write local ``src_pages`` to ``dst_page_ids[dst_index : dst_index + len]`` (non-blocking).
+
+        False if the transfer is no longer live (cancelled / failed): stop prefilling it.
+        """
+        rec = self._get(transfer_id)
+        if rec.state not in (S.WAITING_DEST, S.TRANSFERRING):
+            return False
+        if rec.payload is not None:
+            raise TransferError(f"transfer {transfer_id}: write() after finish()")
+        bad = [p for p in src_pages if not 0 <= p < self.pool.num_pages]
+        if bad or dst_index < 0:
+            raise TransferError(f"transfer {transfer_id}: bad source pages {bad} / dst_index {dst_index}")
+        if rec.dst_pages is None:
+            rec.queued.append((list(src_pages), dst_index))
+        else:
+            self._post(rec, list(src_pages), dst_index)
+        return True
+
+    def finish(self, transfer_id: str, payload: bytes) -> bool:
+        """After the writes complete, decode gets ``payload`` (TransferDone). False if not live."""
+        rec = self._get(transfer_id)
+        if rec.state not in (S.WAITING_DEST, S.TRANSFERRING):
+            return False
+        if rec.payload is not None:
+            raise TransferError(f"transfer {transfer_id}: finish() called twice")
+        rec.payload = bytes(payload)
+        self._progress(rec)
+        return True
+
+    def abort(self, transfer_id: str, reason: str = "aborted by prefill") -> None:
+        """Stop; decode is told once in-flight writes drain; TransferCancelled follows."""
+        rec = self._transfers.get(transfer_id)
+        if rec is not None and rec.state in (S.WAITING_DEST, S.TRANSFERRING):
+            self._stop(rec, reason, tell_peer=True)
+
+    def state(self, transfer_id: str) -> TransferState:
+        return self._get(transfer_id).state
+
+    def metrics(self, transfer_id: str) -> TransferMetrics:
+        return self._get(transfer_id).metrics
+
+    def forget(self, transfer_id: str) -> None:
+        rec = self._transfers.get(transfer_id)
+        if rec is not None and not rec.state.is_terminal:
+            raise TransferError(f"transfer {transfer_id} is live ({rec.state.value}); abort it first")
+        self._transfers.pop(transfer_id, None)
+
+    def poll(self) -> list[SenderEvent]:
+        for peer, msg in self._channel.recv():
+            self._on_message(peer, msg)
+        for rec in list(self._transfers.values()):
+            if not rec.state.is_terminal:
+                self._progress(rec)
+        self._expire(time.monotonic())
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        for rec in self._transfers.values():
+            for h in rec.inflight:
+                self._nixl.release(h.xfer)
+            rec.inflight.clear()
+        self._channel.close()
+        self._nixl.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _get(self, transfer_id: str) -> _Send:
+        rec = self._transfers.get(transfer_id)
+        if rec is None:
+            raise TransferError(f"unknown transfer {transfer_id} (expect() it first)")
+        return rec
+
+    def _bind_dest(self, rec: _Send, peer: str, pages: list[int]) -> None:
+        rec.peer, rec.dst_pages = peer, pages
+        rec.advance(S.TRANSFERRING)
+        self._events.append(DestReady(rec.transfer_id, list(pages)))
+        queued, rec.queued = rec.queued, []
+        for src, dst_index in queued:
+            if rec.state is S.TRANSFERRING:
+                self._post(rec, src, dst_index)
+
+    def _post(self, rec: _Send, src: list[int], dst_index: int) -> None:
+        dst = rec.dst_pages[dst_index:dst_index + len(src)]
+        if len(dst) != len(src):
+            raise TransferError(f"transfer {rec.transfer_id}: pages {dst_index}..{dst_index + len(src)} "
+                                f"beyond the {len(rec.dst_pages)} decode pages")
+        if not src:
+            return
+        runs = coalesce(src, dst)
+        try:
+            h = self._nixl.post_write(rec.peer, runs, mode=self.xfer_mode)
+        except RuntimeError as exc:
+            self._stop(rec, f"write failed: {exc}", tell_peer=True)
+            return
+        m = rec.metrics
+        m.kv_bytes += h.kv_bytes
+        m.num_pages += len(src)
+        m.num_descriptors += h.num_descriptors
+        m.num_writes += 1
+        m.setup_us += h.setup_us
+        if rec.first_post is None:
+            rec.first_post = h.posted_at
+        if not rec.inflight:
+            rec.busy_since = h.posted_at
+        rec.inflight.append(h)
+
+    def _reap(self, rec: _Send) -> str | None:
+        """Collect finished writes; the NIXL error text if one failed."""
+        error = None
+        for h in list(rec.inflight):
+            st = self._nixl.state(h)
+            if st == "PROC":
+                continue
+            if st == "ERR":
+                error = f"NIXL write to {h.peer} failed"
+            elif (n := self._nixl.desc_count(h)) >= 0:
+                rec.metrics.nixl_desc_count = max(rec.metrics.nixl_desc_count, 0) + n
+            self._nixl.release(h.xfer)
+            rec.inflight.remove(h)
+        if not rec.inflight and rec.busy_since is not None:
+            rec.metrics.busy_ms += (time.perf_counter() - rec.busy_since) * 1e3
+            rec.busy_since = None
+        return error
+
+    def _progress(self, rec: _Send) -> None:
+        error = self._reap(rec) if rec.inflight else None
+        if error and rec.state is S.TRANSFERRING:
+            self._stop(rec, error, tell_peer=True)
+        if rec.inflight:
+            return
+        if rec.state is S.CANCELLING:
+            self._finish_cancel(rec)
+        elif rec.state is S.TRANSFERRING and rec.payload is not None and not rec.queued:
+            self._complete(rec)
+
+    def _complete(self, rec: _Send) -> None:
+        m = rec.metrics
+        m.wall_ms = (time.perf_counter() - rec.first_post) * 1e3 if rec.first_post else 0.0
+        msg = TransferComplete(transfer_id=rec.transfer_id, payload=rec.payload, metrics=m)
+        self._nixl.send_notif(rec.peer, encode(msg))
+        rec.advance(S.DONE)
+        self.metrics_ring.add(m)
+        self._events.append(TransferSent(rec.transfer_id, m))
+
+    def _stop(self, rec: _Send, reason: str, *, tell_peer: bool = False, ack_peer: bool = False) -> None:
+        rec.advance(S.CANCELLING, reason)
+        rec.queued.clear()
+        rec.tell_peer, rec.ack_peer = tell_peer, ack_peer
+        self._progress(rec)
+
+    def _finish_cancel(self, rec: _Send) -> None:
+        if rec.peer and rec.peer in self._peers:
+            if rec.tell_peer:
+                self._channel.send(rec.peer, Cancel(transfer_id=rec.transfer_id, reason=rec.reason))
+            if rec.ack_peer:
+                self._channel.send(rec.peer, CancelAck(transfer_id=rec.transfer_id))
+        rec.advance(S.CANCELLED)
+        self._events.append(TransferCancelled(rec.transfer_id, rec.reason))
+
+    def _fail_now(self, rec: _Send, reason: str) -> None:
+        """The peer is gone (or hung): drop in-flight writes without waiting for them."""
+        for h in rec.inflight:
+            self._nixl.release(h.xfer)
+        rec.inflight.clear()
+        rec.queued.clear()
+        rec.advance(S.FAILED, reason)
+        self._events.append(TransferCancelled(rec.transfer_id, reason))
+
+    # -- messages from decode nodes -----------------------------------------------------------
+    def _on_message(self, peer: str, msg) -> None:
+        if isinstance(msg, Handshake):
+            self._on_handshake(peer, msg)
+        elif isinstance(msg, KVDest):
+            self._on_dest(peer, msg)
+        elif isinstance(msg, Cancel):
+            self._on_cancel(peer, msg)
+        elif isinstance(msg, PeerLost):
+            self._on_peer_lost(peer, f"decode peer {peer} silent for {msg.silent_s:.1f} s")
+        elif not isinstance(msg, CancelAck):
+            log.warning("unexpected %s from %s ignored", type(msg).__name__, peer)
+
+    def _on_handshake(self, peer: str, hs: Handshake) -> None:
+        reason = check_compatible(self._me, hs)
+        if reason is None and hs.pool.agent_name != peer:
+            reason = f"agent name mismatch: routing id {peer}, handshake {hs.pool.agent_name}"
+        if reason is None:
+            if peer in self._peers:       # the decode re-dialed: its old transfers are gone
+                self._on_peer_lost(peer, f"decode peer {peer} handshook again")
+            try:
+                self._nixl.add_peer(PeerPool(agent_name=peer, metadata=hs.agent_metadata,
+                                             base_addr=hs.pool.base_addr, num_pages=hs.pool.num_pages,
+                                             page_nbytes=hs.pool.page_nbytes,
+                                             mem_type="VRAM" if hs.pool.device_kind == "cuda" else "DRAM",
+                                             device_id=hs.pool.device_id))
+            except Exception as exc:  # nixl raises its own error types from the C++ binding
+                reason = f"NIXL could not load decode agent {peer}: {exc}"
+        if reason is not None:
+            log.warning("handshake from %s rejected: %s", peer, reason)
+            self._channel.send(peer, HandshakeReject(reason=reason))
+            self._channel.drop(peer)
+            return
+        self._peers[peer] = hs.pool
+        self._channel.send(peer, HandshakeAccept(pool=self._me.pool))
+
+    def _on_dest(self, peer: str, dest: KVDest) -> None:
+        tid, pages = dest.transfer_id, dest.page_ids
+        info = self._peers.get(peer)
+        reason = None
+        if info is None:
+            reason = f"no accepted handshake from {peer}"
+        elif any(not 0 <= p < info.num_pages for p in pages):
+            reason = f"destination pages outside the decode pool of {info.num_pages} pages"
+        rec = self._transfers.get(tid)
+        if reason is None and rec is not None and rec.state is not S.WAITING_DEST:
+            reason = f"transfer {tid} already {rec.state.value} on this prefill node"
+        if reason is not None:
+            self._channel.send(peer, Cancel(transfer_id=tid, reason=reason))
+        elif rec is None:
+            self._early[tid] = (peer, pages, time.monotonic())
+        else:
+            self._bind_dest(rec, peer, pages)
+
+    def _on_cancel(self, peer: str, msg: Cancel) -> None:
+        rec = self._transfers.get(msg.transfer_id)
+        self._early.pop(msg.transfer_id, None)
+        if rec is not None and rec.peer in ("", peer) and rec.state in (S.WAITING_DEST, S.TRANSFERRING):
+            rec.peer = peer
+            self._stop(rec, f"cancelled by decode: {msg.reason}", ack_peer=True)
+        else:   # nothing in flight for it here: the decode may reuse its pages now
+            self._channel.send(peer, CancelAck(transfer_id=msg.transfer_id))
+
+    def _on_peer_lost(self, peer: str, reason: str) -> None:
+        for tid in [t for t, e in self._early.items() if e[0] == peer]:
+            del self._early[tid]
+        for rec in self._transfers.values():
+            if rec.peer == peer and not rec.state.is_terminal:
+                self._fail_now(rec, reason)
+        if self._peers.pop(peer, None) is not None:
+            self._nixl.remove_peer(peer)
+
+    def _expire(self, now: float) -> None:
+        limit = self.cfg.transfer_timeout_s
+        for tid, (peer, _, t) in list(self._early.items()):
+            if now - t > limit:
+                del self._early[tid]
+                self._channel.send(peer, Cancel(transfer_id=tid, reason=f"prefill request for "
+                                                f"{tid} did not arrive within {limit:g} s"))
+        for tid, rec in list(self._transfers.items()):
+            age = rec.age_s(now)
+            if rec.state in (S.WAITING_DEST, S.TRANSFERRING) and age > limit:
+                what = "no destination pages from decode" if rec.state is S.WAITING_DEST else "not finished"
+                self._stop(rec, f"timed out: {what} after {limit:g} s", tell_peer=True)
+            elif rec.state is S.CANCELLING and age > limit + self.cfg.peer_timeout_s:
+                self._fail_now(rec, f"{rec.reason} (writes did not drain)")
+            elif rec.state.is_terminal and now - rec.ended_at > limit:
+                del self._transfers[tid]     # never forgotten by the caller: don't leak
