@@ -1,0 +1,95 @@
+"""Shared checks for the kernel wrappers, and the interpreter fixes the CPU test path needs.
+
+Every wrapper validates its inputs on the host (shapes, dtypes, strides, devices) and raises
+``ValueError`` naming the argument: a bad stride in a Triton kernel is a silent wrong answer,
+not a crash, so the check is the only line of defence.
+
+Triton runs on CPU only through its interpreter (``TRITON_INTERPRET=1``, read when a kernel is
+decorated, so it must be set before ``pdserve.kernels.*`` modules are imported). Triton 3.6's
+interpreter has two bugs that our kernels hit; ``_fix_interpreter`` patches both, and only when
+the interpreter is on (the compiled GPU path is never touched):
+- with numpy >= 2.4, a loop bound that is a runtime scalar (``range(start, end)``) fails with
+  "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171);
+- ``tl.dot`` on bfloat16 multiplies the raw uint16 storage, giving garbage; we widen to fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None,
+                 last_contiguous: bool = True) -> None:
+    """``t`` has ``ndim`` dims, a dtype in ``dtypes`` and (by default) unit stride in its last dim."""
+    require(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
+    require(t.dim() == ndim, f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        require(t.dtype in dtypes, f"{name}: dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+    if last_contiguous and t.numel() > 0:
+        require(t.shape[-1] == 1 or t.stride(-1) == 1, f"{name}: last dim must be contiguous, strides {t.stride()}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device, and a device Triton can run on here."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    require(all(d == first for d in devices.values()), f"tensors on different devices: {devices}")
+    require(first.type == "cuda" or INTERPRET,
+            f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 before importing")
+    return first
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs must not silently drop to tf32 (10-bit mantissa); 16-bit inputs ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fix_interpreter() -> None:
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_pdserve_fixed", False):
+        return
+    orig_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor(tensor, scope) -> None:
+        orig_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_tensor
+    orig_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig_dot(self, _widen_bf16(a), _widen_bf16(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter._pdserve_fixed = True
+
+
+def _widen_bf16(handle):
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    if handle.dtype.scalar != tl.bfloat16:
+        return handle
+    bits = handle.data.astype(np.uint32) << 16  # bf16 is the top half of an fp32
+    return TensorHandle(bits.view(np.float32), tl.float32)
+
+
+if INTERPRET:
+    _fix_interpreter()

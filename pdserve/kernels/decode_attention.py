@@ -1,0 +1,193 @@
+"""Paged decode attention: one new query per sequence over its whole context in the page pool.
+
+Split-K ("flash-decoding"): each sequence's context is cut into ``num_kv_splits`` equal pieces
+(rounded up to whole key blocks); program ``(seq, kv_head, split)`` attends the whole GQA group of
+q heads that share ``kv_head`` over its piece, so every K/V byte is read from HBM exactly once,
+and writes a partial output plus its log-sum-exp. A second kernel merges the splits.
+The grid depends only on the batch size, never on the context lengths, so a CUDA graph captured
+for a batch size replays for any lengths; a sequence of length 0 yields zeros (graph padding).
+
+Pool views: ``k_pages``/``v_pages`` are ``KVPool.k(layer)``/``v(layer)``:
+``[num_pages, page_size, num_kv_heads, head_dim]`` with any page/slot/head strides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.kernels._common import (FLOAT_DTYPES, check_same_device, check_tensor, dot_precision,
+                                     next_pow2, require)
+from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, qk_scale,
+    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)  # end <= start: empty split, loop runs 0 times
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h  # [BLOCK_H] q heads of this kv head
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    pt_row = page_table_ptr + b * stride_ptb
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page_ids = tl.load(pt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = load_paged(k_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, kv_head * stride_kh, PAGE_SIZE)
+        v = load_paged(v_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, kv_head * stride_vh, PAGE_SIZE)
+        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, True, PRECISION)
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
+    mo = mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+    tl.store(mo, (acc / l_safe[:, None]).to(mid_o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: weights 0, output 0
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
+    mo = mid_o_ptr + b * stride_mob + head * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
+    o = tl.load(mo, mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@dataclass
+class DecodeWorkspace:
+    """Split partials, sized for up to ``max_batch_size`` sequences; reused across steps/graphs."""
+    mid_o: torch.Tensor    # [max_batch_size, num_q_heads, num_kv_splits, head_dim]
+    mid_lse: torch.Tensor  # [max_batch_size, num_q_heads, num_kv_splits] fp32, base-2
+
+    @classmethod
+    def allocate(cls, max_batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
+                 dtype: torch.dtype, device: torch.device | str, reduce_in_fp32: bool = False) -> "DecodeWorkspace":
+        mid_dtype = torch.float32 if reduce_in_fp32 else dtype
+        return cls(
+            mid_o=torch.empty(max_batch_size, num_q_heads, num_kv_splits, head_dim, dtype=mid_dtype, device=device),
+            mid_lse=torch.empty(max_batch_size, num_q_heads, num_kv_splits, dtype=torch.float32, device=device),
+        )
+
+    def fits(self, batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
+             mid_dtype: torch.dtype) -> bool:
+        cap_b, hq, splits, d = self.mid_o.shape
+        return (batch_size <= cap_b and (hq, splits, d) == (num_q_heads, num_kv_splits, head_dim)
+                and self.mid_o.dtype == mid_dtype)
+
+
+def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    check_tensor("k_pages", k_pages, 4, (q.dtype,))
+    check_tensor("v_pages", v_pages, 4, (q.dtype,))
+    check_tensor("page_table", page_table, 2, (torch.int32,))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, seq_lens=seq_lens)
+    b, hq, d = q.shape
+    require(k_pages.shape == v_pages.shape, f"k_pages {tuple(k_pages.shape)} != v_pages {tuple(v_pages.shape)}")
+    hkv = k_pages.shape[2]
+    require(k_pages.shape[3] == d, f"head_dim: q has {d}, k_pages has {k_pages.shape[3]}")
+    require(hq % hkv == 0, f"q heads {hq} not a multiple of kv heads {hkv}")
+    require(page_table.shape[0] >= b and seq_lens.shape[0] >= b,
+            f"batch {b}: page_table rows {page_table.shape[0]}, seq_lens {seq_lens.shape[0]}")
+    require(d >= 16, f"head_dim {d} < 16 is not supported (tl.dot minimum)")
+
+
+def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, *, num_kv_splits: int = 8,
+                     reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
+                     workspace: DecodeWorkspace | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """q ``[B, Hq, D]`` -> ``[B, Hq, D]``: attention over ``seq_lens[b]`` tokens of ``page_table[b]``.
+
+    page_table ``[>=B, W]`` int32 (page ids, row b covers ceil(seq_lens[b] / page_size) pages);
+    seq_lens ``[>=B]`` int32 (context length including the new token, already stored).
+    """
+    _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
+    require(num_kv_splits >= 1, f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    b, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, 3, (q.dtype,))
+    require(out.shape == q.shape, f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    mid_dtype = torch.float32 if reduce_in_fp32 else q.dtype
+    if workspace is None or not workspace.fits(b, hq, d, num_kv_splits, mid_dtype):
+        workspace = DecodeWorkspace.allocate(b, hq, d, num_kv_splits, q.dtype, q.device, reduce_in_fp32)
+    if b == 0:
+        return out
+    mid_o, mid_lse = workspace.mid_o, workspace.mid_lse
+    block_n = block_n or max(16, min(64, next_pow2(page_size)))
+    _decode_split_kernel[(b, hkv, num_kv_splits)](
+        q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, scale * LOG2E,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=next_pow2(d),
+        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
+    )
+    _decode_reduce_kernel[(b, hq)](
+        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=next_pow2(d), NUM_SPLITS=num_kv_splits, BLOCK_S=next_pow2(num_kv_splits),
+        num_warps=4 if d >= 128 else 2,
+    )
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``decode_attention``."""
+    b, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = page_table[i, :(n + page_size - 1) // page_size].long()
+        k = k_pages[pages].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, dim=1)  # [n, Hq, D]
+        v = v_pages[pages].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, dim=1)
+        logits = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale  # [Hq, n]
+        out[i] = torch.einsum("hn,nhd->hd", logits.softmax(-1), v)
+    return out.to(q.dtype)

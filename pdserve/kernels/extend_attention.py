@@ -1,0 +1,185 @@
+"""Extend (prefill) attention over a ragged batch: new queries attend a cached prefix + themselves.
+
+Sequence ``b`` brings ``ext_len = q_starts[b+1] - q_starts[b]`` new tokens (rows
+``q_starts[b]..`` of q/k/v) after ``prefix_lens[b]`` tokens already in the page pool. New query
+``i`` sees every prefix token (read through the page table) and new tokens ``0..i`` (read from the
+contiguous k/v of this step, which are cheaper to load than a paged gather).
+
+Program ``(seq, q_head, m_block)`` owns ``BLOCK_M`` query rows of one head and runs three loops:
+prefix blocks (bounds mask only), new-token blocks left of the diagonal block (no mask at all),
+and the diagonal blocks (causal mask). Both products use ``tl.dot`` (tensor cores).
+The grid is ``(B, Hq, cdiv(max_extend_len, BLOCK_M))``; programs past a sequence's end exit
+after loading nothing. Only constexprs and tensor strides are specialised, so batch composition
+never triggers a recompile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.kernels._common import (FLOAT_DTYPES, INTERPRET, check_same_device, check_tensor, dot_precision,
+                                     next_pow2, require)
+from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, k_pages_ptr, v_pages_ptr, page_table_ptr, q_starts_ptr, prefix_lens_ptr,
+    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_kp, stride_ks, stride_kph, stride_vp, stride_vs, stride_vph, stride_ptb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    kv_head = head // GROUP
+    q_start = tl.load(q_starts_ptr + b)
+    ext_len = tl.load(q_starts_ptr + b + 1) - q_start
+    is_active = m0 < ext_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < ext_len
+    mask_d = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # 1. cached prefix, through the page table
+    prefix_end = tl.where(is_active, tl.load(prefix_lens_ptr + b), 0)
+    pt_row = page_table_ptr + b * stride_ptb
+    for n0 in range(0, prefix_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < prefix_end
+        page_ids = tl.load(pt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = load_paged(k_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, kv_head * stride_kph, PAGE_SIZE)
+        v = load_paged(v_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, kv_head * stride_vph, PAGE_SIZE)
+        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, True, PRECISION)
+
+    # 2. new tokens strictly left of this query block: every key visible to every row
+    full_end = tl.where(is_active, m0, 0)
+    for n0 in range(0, full_end, BLOCK_N):
+        k, v = _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                         kv_head, ext_len, BLOCK_N)
+        m_i, l_i, acc = attend_block(q, k, v, mask_m[:, None], m_i, l_i, acc, qk_scale, False, PRECISION)
+
+    # 3. the diagonal: causal mask
+    diag_end = tl.where(is_active, tl.minimum(m0 + BLOCK_M, ext_len), 0)
+    for n0 in range(full_end, diag_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k, v = _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                         kv_head, ext_len, BLOCK_N)
+        causal = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < ext_len)
+        m_i, l_i, acc = attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, True, PRECISION)
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh,
+              kv_head, ext_len, BLOCK_N: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows = (q_start + offs_n).to(tl.int64)
+    mask = (offs_n < ext_len)[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+def _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens) -> None:
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v), ("k_pages", k_pages), ("v_pages", v_pages)):
+        check_tensor(name, t, 3 if name in ("k", "v") else 4, (q.dtype,))
+    check_tensor("page_table", page_table, 2, (torch.int32,))
+    check_tensor("q_starts", q_starts, 1, (torch.int32,))
+    check_tensor("prefix_lens", prefix_lens, 1, (torch.int32,))
+    check_same_device(q=q, k=k, v=v, k_pages=k_pages, v_pages=v_pages, page_table=page_table,
+                      q_starts=q_starts, prefix_lens=prefix_lens)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    require(k.shape == v.shape == (t, hkv, d), f"k {tuple(k.shape)} / v {tuple(v.shape)} must be [{t}, Hkv, {d}]")
+    require(k_pages.shape == v_pages.shape and k_pages.shape[2:] == (hkv, d),
+            f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)} must be [pages, page_size, {hkv}, {d}]")
+    require(hq % hkv == 0, f"q heads {hq} not a multiple of kv heads {hkv}")
+    b = prefix_lens.shape[0]
+    require(q_starts.shape[0] == b + 1, f"q_starts has {q_starts.shape[0]} entries, need batch + 1 = {b + 1}")
+    require(page_table.shape[0] >= b, f"page_table has {page_table.shape[0]} rows, batch is {b}")
+    require(d >= 16, f"head_dim {d} < 16 is not supported (tl.dot minimum)")
+
+
+def _default_blocks(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). H100/H200 sweet spot for D=128 in fp16/bf16."""
+    if INTERPRET:
+        return 32, 32, 4, 1
+    if d <= 64:
+        return 128, 64, 4, 3
+    if d <= 128:
+        return 128, 64, 8, 2
+    return 64, 32, 8, 2
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
+                     v_pages: torch.Tensor, page_table: torch.Tensor, q_starts: torch.Tensor,
+                     prefix_lens: torch.Tensor, max_extend_len: int, scale: float, *,
+                     out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (this step's tokens) -> ``[T, Hq, D]``.
+
+    page_table ``[>=B, W]`` int32 covers each sequence's prefix; q_starts ``[B+1]`` int32 cumulative
+    offsets into T; prefix_lens ``[B]`` int32; ``max_extend_len`` (host int, sizes the grid) must be
+    >= every sequence's new-token count, else rows past it are left unwritten.
+    """
+    _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens)
+    t, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    bm, bn, warps, stages = _default_blocks(d)
+    block_m, block_n = block_m or bm, block_n or bn
+    require(block_m % block_n == 0, f"block_m {block_m} must be a multiple of block_n {block_n}")
+    require(INTERPRET or block_n >= 16, f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, 3, (q.dtype,))
+    require(out.shape == q.shape, f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    b = prefix_lens.shape[0]
+    if t == 0 or b == 0 or max_extend_len <= 0:
+        return out
+    grid = (b, hq, triton.cdiv(max_extend_len, block_m))
+    _extend_kernel[grid](
+        q, k, v, out, k_pages, v_pages, page_table, q_starts, prefix_lens, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),
+        v_pages.stride(2), page_table.stride(0),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE_SIZE=page_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
+    )
+    return out
+
+
+def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
+                         v_pages: torch.Tensor, page_table: torch.Tensor, q_starts: torch.Tensor,
+                         prefix_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``extend_attention``."""
+    t, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
+    for i in range(prefix_lens.shape[0]):
+        s, e, p = int(q_starts[i]), int(q_starts[i + 1]), int(prefix_lens[i])
+        pages = page_table[i, :(p + page_size - 1) // page_size].long()
+        keys = torch.cat([k_pages[pages].reshape(-1, hkv, d)[:p], k[s:e]]).float()  # [p + n, Hkv, D]
+        values = torch.cat([v_pages[pages].reshape(-1, hkv, d)[:p], v[s:e]]).float()
+        keys, values = keys.repeat_interleave(hq // hkv, 1), values.repeat_interleave(hq // hkv, 1)
+        logits = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale  # [Hq, n, p + n]
+        visible = torch.arange(p + e - s)[None, :] <= (p + torch.arange(e - s))[:, None]  # [n, p + n]
+        logits = logits.masked_fill(~visible.to(q.device), float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", logits.softmax(-1), values)
+    return out.to(q.dtype)

@@ -1,0 +1,105 @@
+"""Rotary position embedding, neox style (Llama, Qwen, Mistral): the two halves of the rotated dims.
+
+For each head, with ``x1 = x[:R/2]``, ``x2 = x[R/2:R]`` (R = rotary dim <= head_dim; dims past R
+are left alone): ``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin``, cos/sin of
+``position * inv_freq``. The cache is ``[max_positions, R]`` = ``cat(cos, sin)`` per position (the
+vLLM/SGLang layout), built once by ``build_cos_sin_cache`` from any ``inv_freq`` (so Llama-3 or
+YaRN scaling stays in the model code). One program per token rotates all its q and k heads in
+place, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, next_pow2, require
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, cos, sin, offs_h, offs_r, mask, HALF: tl.constexpr):
+    """Rotate ``[BLOCK_H, HALF]`` pairs of one token's heads in place."""
+    p1 = x_ptr + offs_h[:, None] * stride_h + offs_r[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    offs_qh = tl.arange(0, BLOCK_QH)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, offs_qh,
+                  offs_r, (offs_qh < NUM_Q_HEADS)[:, None] & mask_r[None, :], HALF)
+    offs_kh = tl.arange(0, BLOCK_KH)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, offs_kh,
+                  offs_r, (offs_kh < NUM_K_HEADS)[:, None] & mask_r[None, :], HALF)
+
+
+def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """Plain RoPE frequencies ``[rotary_dim // 2]`` fp32 (``base ** (-2i / rotary_dim)``)."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)).float()
+
+
+def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """-> ``[max_positions, 2 * len(inv_freq)]`` fp32: ``cat(cos, sin)`` of ``pos * inv_freq``."""
+    angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float().cpu()[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` **in place**; positions ``[T]`` int; returns (q, k).
+
+    q/k may be strided views (e.g. slices of a fused qkv output); only the last dim must be dense.
+    """
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    check_tensor("k", k, 3, (q.dtype,))
+    check_tensor("positions", positions, 1, (torch.int32, torch.int64))
+    check_tensor("cos_sin_cache", cos_sin_cache, 2, FLOAT_DTYPES)
+    check_same_device(q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    t, hq, d = q.shape
+    rot = cos_sin_cache.shape[1]
+    require(k.shape[0] == t and k.shape[2] == d, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    require(positions.shape[0] == t, f"positions has {positions.shape[0]} entries for {t} tokens")
+    require(rot % 2 == 0 and 0 < rot <= d, f"rotary dim {rot} must be even and <= head_dim {d}")
+    if t == 0:
+        return q, k
+    half = rot // 2
+    _rotary_kernel[(t,)](
+        q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos_sin_cache.stride(0),
+        NUM_Q_HEADS=hq, NUM_K_HEADS=k.shape[1], HALF=half,
+        BLOCK_QH=next_pow2(hq), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_R=next_pow2(half),
+        num_warps=4 if hq * half >= 1024 else 1,
+    )
+    return q, k
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out of place, fp32 math."""
+    half = cos_sin_cache.shape[1] // 2
+    cos = cos_sin_cache[positions.long(), :half].float()[:, None, :]  # [T, 1, R/2]
+    sin = cos_sin_cache[positions.long(), half:].float()[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().clone()
+        x1, x2 = xf[..., :half].clone(), xf[..., half:2 * half].clone()
+        xf[..., :half] = x1 * cos - x2 * sin
+        xf[..., half:2 * half] = x2 * cos + x1 * sin
+        return xf.to(x.dtype)
+
+    return rotate(q), rotate(k)
