@@ -7,6 +7,7 @@ permuted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any, Iterator
@@ -125,6 +126,18 @@ def _reverse_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def file_identity(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
+def file_identity(path: str, windows: int = 16, window_bytes: int = 1 << 16) -> str:
+    """Content identity of a weight file: its size and a hash of ``windows`` evenly spaced 64 KiB
+    windows (the whole file when small). Independent of file name, path and mtime, so a prefill and
+    a decode node holding copies of the same weights on different machines agree; reads ~1 MiB."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= windows * window_bytes:
+            digest.update(f.read())
+        else:
+            step = (size - window_bytes) // (windows - 1)
+            for i in range(windows):
+                f.seek(i * step)
+                digest.update(f.read(window_bytes))
+    return f"{size}:{digest.hexdigest()[:24]}"

@@ -63,8 +63,6 @@ def iter_weights(kind: str, files: list[str], dtype: torch.dtype) -> Iterator[tu
 
 
 def files_identity(files: list[str]) -> list[str]:
-    out = []
-    for path in files:
-        st = os.stat(path)
-        out.append(f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}")
-    return out
+    from pdserve.loader.gguf_file import file_identity
+
+    return [file_identity(path) for path in files]
