@@ -24,7 +24,7 @@ from pdserve.bench.client import auth_headers, first_model
 from pdserve.bench.datasets import BenchRequest, jsonl_requests, random_requests, sharegpt_synthetic_requests
 from pdserve.bench.metrics import SLO, Summary
 from pdserve.bench.plots import plot_all
-from pdserve.bench.report import Recommendation, final_summary, format_table, recommend, table_row
+from pdserve.bench.report import Recommendation, final_summary, format_table, progress_line, recommend
 from pdserve.bench.runner import make_client
 from pdserve.bench.sweep import Target, run_sweep, sweep_points, warmup
 from pdserve.config import _check, _check_choices, add_config_args, config_from_args, opt
@@ -131,7 +131,7 @@ async def _probe(cfg: BenchConfig, base_url: str) -> tuple[str, object]:
 
 
 def _print_row(s: Summary) -> None:
-    print("  ".join(table_row(s)), flush=True)
+    print(progress_line(s), flush=True)
 
 
 async def bench(cfg: BenchConfig) -> tuple[dict[str, list[Summary]], dict[str, Recommendation | None]]:

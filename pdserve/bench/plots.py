@@ -56,11 +56,18 @@ def _x_of(s: Summary, axis: str, pos: dict) -> float:
     return pos[s.max_concurrency or 0] if axis == "concurrency" else pos[s.rate]
 
 
-def _series_name(key: tuple, axis: str, n_series_per_label: int) -> str:
-    label, other = key
-    if n_series_per_label <= 1 or other is None:
-        return label
-    return f"{label} ({'rate' if axis == 'concurrency' else 'conc'}={other:g})"
+def _lines(summaries: list[Summary], axis: str, pos: dict) -> list[tuple[str, list[Summary], list[float]]]:
+    """(legend name, points sorted by x, their x) per line."""
+    series = _series(summaries, axis)
+    per_label = {label: sum(1 for k in series if k[0] == label) for label, _ in series}
+    out = []
+    for (label, other), pts in series.items():
+        pts = sorted(pts, key=lambda s: _x_of(s, axis, pos))
+        name = label
+        if per_label[label] > 1 and other is not None:
+            name = f"{label} ({'rate' if axis == 'concurrency' else 'conc'}={other:g})"
+        out.append((name, pts, [_x_of(s, axis, pos) for s in pts]))
+    return out
 
 
 def _setup(ax, axis: str, ticks: list[float], tick_labels: list[str], ylabel: str, title: str) -> None:
@@ -76,21 +83,20 @@ def plot_latency(summaries: list[Summary], metric: str, path: Path, title: str,
     """``metric`` in ttft_ms / itl_ms / tpot_ms / e2e_ms: its median, p90, p99 against load."""
     axis = _axis(summaries)
     pos, ticks, tick_labels = _x_positions(summaries, axis)
-    series = _series(summaries, axis)
-    per_label = {k[0]: sum(1 for j in series if j[0] == k[0]) for k in series}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (key, pts) in enumerate(series.items()):
-        pts = sorted(pts, key=lambda s: _x_of(s, axis, pos))
-        xs = [_x_of(s, axis, pos) for s in pts]
+    all_ys: list[float] = []
+    for i, (name, pts, xs) in enumerate(_lines(summaries, axis, pos)):
         for stat, style in _STYLES:
             ys = [getattr(getattr(s, metric), stat) for s in pts]
-            ax.plot(xs, ys, style, marker="o", color=f"C{i}", markersize=3,
-                    label=f"{_series_name(key, axis, per_label[key[0]])} {stat}")
+            all_ys += ys
+            ax.plot(xs, ys, style, marker="o", color=f"C{i}", markersize=3, label=f"{name} {stat}")
     limit = getattr(slo, metric, None) if slo is not None and metric in _SLO_METRICS else None
     if limit:
         ax.axhline(limit, color="red", linewidth=1, alpha=0.6, label=f"SLO {limit:g} ms")
-    _setup(ax, axis, ticks, tick_labels, metric.replace("_ms", " (ms)").upper(), title)
-    ax.legend(fontsize=7)
+    _setup(ax, axis, ticks, tick_labels, metric.replace("_ms", "").upper() + " (ms)", title)
+    if min(all_ys, default=0.0) > 0 and max(all_ys) / min(all_ys) > 50:
+        ax.set_yscale("log")        # latencies explode past the knee; keep the low end readable
+    ax.legend(fontsize=7, handlelength=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -103,19 +109,17 @@ def plot_goodput(summaries: list[Summary], path: Path) -> Path:
     pos, ticks, tick_labels = _x_positions(summaries, axis)
     has_slo = any(s.goodput is not None for s in summaries)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (key, pts) in enumerate(_series(summaries, axis).items()):
-        pts = sorted(pts, key=lambda s: _x_of(s, axis, pos))
-        xs = [_x_of(s, axis, pos) for s in pts]
-        ax.plot(xs, [s.request_throughput for s in pts], ":", color=f"C{i}", label=f"{key[0]} throughput")
+    for i, (name, pts, xs) in enumerate(_lines(summaries, axis, pos)):
+        ax.plot(xs, [s.request_throughput for s in pts], ":", color=f"C{i}", label=f"{name} throughput")
         if has_slo:
             ax.plot(xs, [s.goodput or 0.0 for s in pts], "-", marker="o", color=f"C{i}",
-                    label=f"{key[0]} goodput")
+                    label=f"{name} goodput")
             knee = distserve_goodput(pts) if axis == "rate" else None
             if knee is not None:
                 x = _x_of(knee, axis, pos)
                 ax.axvline(x, color=f"C{i}", linestyle="--", alpha=0.5)
                 ax.plot([x], [knee.goodput], marker="*", markersize=14, color=f"C{i}",
-                        label=f"{key[0]} knee {knee.rate:g} req/s (>=90% in SLO)")
+                        label=f"{name} knee {knee.rate:g} req/s (>=90% in SLO)")
     title = "goodput (req/s within SLO)" if has_slo else "request throughput (no --slo given)"
     _setup(ax, axis, ticks, tick_labels, "req/s", title)
     ax.legend(fontsize=7)

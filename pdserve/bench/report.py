@@ -55,6 +55,15 @@ def format_table(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+def progress_line(s: Summary) -> str:
+    """One line per finished run, printed while the sweep goes on."""
+    conc = s.max_concurrency or "-"
+    slo = "" if s.slo_attainment is None else f", {100 * s.slo_attainment:.0f}% in SLO"
+    return (f"[{s.label}] rate={_rate(s)} conc={conc}: {s.completed}/{s.num_prompts} ok, "
+            f"{s.request_throughput:.2f} req/s, TTFT p50 {s.ttft_ms.median:.1f} ms, "
+            f"TPOT mean {s.tpot_ms.mean:.2f} ms, ITL p99 {s.itl_ms.p99:.2f} ms{slo}")
+
+
 @dataclass
 class Recommendation:
     binding: str                  # "ttft" | "tpot" | "itl" | "none"
@@ -137,7 +146,11 @@ def recommend(summaries: list[Summary], slo: SLO | None, roles: dict[str, int] |
     else:
         reasons.append(f"{binding.upper()} binds: decode steps are too slow -> shift GPUs to decode "
                        "(more KV and batch room per node) and cut prefill interference")
-    reasons.append(f"P:D {prefill}:{decode} -> {new_p}:{new_d} (capacity ~ pressure x nodes, same GPU count)")
+    if (new_p, new_d) == (prefill, decode):   # too few nodes to shift one: grow the binding side
+        new_p, new_d = (prefill + 1, decode) if binding == "ttft" else (prefill, decode + 1)
+        reasons.append(f"P:D {prefill}:{decode} -> {new_p}:{new_d} (too few GPUs to move one; add a node)")
+    else:
+        reasons.append(f"P:D {prefill}:{decode} -> {new_p}:{new_d} (capacity ~ pressure x nodes, same GPU count)")
     if colocated:
         reasons.append(f"server is colocated ({colocated} nodes): read the ratio as a PD split to try")
     new_chunk = _chunk_advice(s, binding, chunk_size, reasons)
