@@ -69,6 +69,14 @@ class PrefillStatus(msgspec.Struct, tag="prefill_status", kw_only=True):
     transfer_ms: float = 0.0
 
 
+class FirstToken(msgspec.Struct, kw_only=True):
+    """Prefill -> decode, inside the transfer's completion notification: the first sampled token."""
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0
+
+
 NodeMessage = GenerateReq | PrefillReq | AbortReq
 RouterMessage = TokenOut | PrefillStatus
 

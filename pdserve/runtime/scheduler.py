@@ -104,7 +104,7 @@ class Scheduler:
             self.kv.match_prefix(req)
             n = min(req.num_pending, self.cfg.chunked_prefill_size, budget)
             need = pages_for(req.num_computed + n, self.kv.page_size) - len(req.page_ids)
-            if need + self._reserve_pages(extra=req, chunk=n) > self.kv.available_pages():
+            if need + self.reserve_pages([req], req.num_pending - n) > self.kv.available_pages():
                 self.kv.release(req, cache=False)  # give back the matched prefix references
                 req.num_cached = 0
                 break
@@ -121,14 +121,20 @@ class Scheduler:
         step.seqs.append(_chunk(req, n))
         return budget - n
 
-    def _reserve_pages(self, extra: Request, chunk: int) -> int:
-        """Pages to keep free for the rest of ``extra``'s prompt (beyond this ``chunk``) and for
-        the future output of the running batch and ``extra``, scaled by the new-token ratio."""
-        tokens = float(extra.num_pending - chunk)
-        for r in [*self.running, extra]:
+    def reserve_pages(self, extras: list[Request], pending_tokens: int = 0) -> int:
+        """Pages to keep free for ``pending_tokens`` not yet allocated and for the future output
+        of the running batch and ``extras``, scaled by the new-token ratio (the admission reserve)."""
+        tokens = float(pending_tokens)
+        for r in [*self.running, *extras]:
             remaining = r.params.max_new_tokens - len(r.output_ids)
             tokens += min(remaining, RESERVE_CLIP_TOKENS) * self.new_token_ratio
         return pages_for(int(tokens), self.kv.page_size)
+
+    def add_running(self, req: Request) -> None:
+        """Put a request whose prompt K/V is already in the pool (moved in by a transfer)
+        straight into the running batch."""
+        req.status = Status.RUNNING
+        self.running.append(req)
 
     # -- retraction ---------------------------------------------------------------------------
     def _retract(self, req: Request) -> None:

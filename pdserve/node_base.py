@@ -1,0 +1,156 @@
+"""What every node process shares: CLI, sockets, registry record, the serve loop.
+
+A node binds a ZMQ PULL socket for ``pdserve.protocol.NodeMessage``s, answers each router on a
+PUSH socket to the request's ``reply_to``, registers its ``NodeInfo`` (and load) in Redis when
+``--registry-url`` is given, and otherwise prints one ``READY {json}`` line on stdout so a
+launcher or test can find it. Subclasses implement ``handle`` (one message) and ``tick`` (one
+unit of engine work; True while there is more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+import msgspec
+import zmq
+
+from pdserve.config import ServerConfig, add_config_args, config_from_args
+from pdserve.protocol import LoadReport, NodeInfo, NodeMessage, decode_node_message, encode
+from pdserve.runtime.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 5
+
+
+class NodeBase:
+    role = "colocated"
+
+    def __init__(self, cfg: ServerConfig, runner: ModelRunner | None = None) -> None:
+        self.cfg = cfg
+        self.runner = runner or ModelRunner(cfg.engine)
+        self.ctx = zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        host = cfg.node.host
+        if cfg.node.port:
+            self.pull.bind(f"tcp://{host}:{cfg.node.port}")
+            port = cfg.node.port
+        else:
+            port = self.pull.bind_to_random_port(f"tcp://{host}")
+        self.addr = f"tcp://{host}:{port}"
+        self.node_id = cfg.node.node_id or f"{self.role}-{host}-{port}"
+        self._push: dict[str, zmq.Socket] = {}
+        self._running = True
+        self.started_at = time.time()
+
+    # -- to be provided by each role ---------------------------------------------------------
+    def handle(self, msg: NodeMessage) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> bool:
+        raise NotImplementedError
+
+    def load(self) -> dict:
+        raise NotImplementedError
+
+    def bootstrap_endpoint(self) -> str | None:
+        return None
+
+    # -- shared -------------------------------------------------------------------------------
+    def send(self, reply_to: str, msg: msgspec.Struct) -> None:
+        sock = self._push.get(reply_to)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(reply_to)
+            self._push[reply_to] = sock
+        sock.send(encode(msg))
+
+    def node_info(self) -> NodeInfo:
+        r = self.runner
+        return NodeInfo(node_id=self.node_id, role=self.role, addr=self.addr, bootstrap=self.bootstrap_endpoint(),
+                        model=r.loaded.tokenizer.name if r.loaded.tokenizer is not None else self.cfg.engine.model.model_path,
+                        fingerprint=r.fingerprint, dtype=r.layout.dtype, page_size=r.layout.page_size,
+                        context_length=r.context_length, vocab_size=r.vocab_size, tp=self.cfg.engine.parallel.tp,
+                        dp=self.cfg.engine.parallel.dp, max_total_tokens=r.pool.capacity_tokens,
+                        started_at=self.started_at)
+
+    def load_report(self) -> LoadReport:
+        return LoadReport(node_id=self.node_id, timestamp=time.time(), **self.load())
+
+    def _drain(self, timeout_ms: int) -> None:
+        if not self.pull.poll(timeout_ms):
+            return
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_node_message(data)
+            except msgspec.DecodeError as exc:
+                log.warning("dropping undecodable message: %s", exc)
+                continue
+            self.handle(msg)
+
+    def serve_forever(self) -> None:
+        registrar = self._start_registrar()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        info = self.node_info()
+        print("READY " + json.dumps(msgspec.to_builtins(info)), flush=True)
+        busy = False
+        try:
+            while self._running:
+                self._drain(0 if busy else IDLE_POLL_MS)
+                busy = self.tick()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if registrar is not None:
+                registrar.stop()
+            self.close()
+
+    def _start_registrar(self):
+        if not self.cfg.node.registry_url:
+            return None
+        from pdserve.registry import NodeRegistrar
+        registrar = NodeRegistrar(self.cfg.node.registry_url, self.node_info(), ttl_s=self.cfg.node.registry_ttl_s,
+                                  interval_s=self.cfg.node.load_report_interval_s, load_fn=self.load_report)
+        registrar.start()
+        return registrar
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        for sock in self._push.values():
+            sock.close(linger=200)
+        self.pull.close(linger=0)
+
+
+def run_node(node_cls: type[NodeBase], role: str, argv: list[str]) -> int:
+    """Parse the node CLI (generated from ServerConfig), build the node, serve until stopped."""
+    parser = argparse.ArgumentParser(prog=f"pdserve {'serve' if role == 'colocated' else role}",
+                                     description=f"Run a {role} node.")
+    add_config_args(parser, ServerConfig)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    values = {k: v for k, v in vars(args).items() if k != "log_level"}
+    try:
+        cfg = config_from_args(ServerConfig, values, role=role)
+    except ValueError as exc:
+        parser.exit(2, f"pdserve: error: {exc}\n")
+    try:
+        node = node_cls(cfg)
+    except ValueError as exc:  # bad model path, corrupt weights, pool too small ...
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    node.serve_forever()
+    return 0
