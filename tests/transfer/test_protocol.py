@@ -1,0 +1,64 @@
+"""Wire messages round-trip, and the handshake check names both sides' values."""
+
+import msgspec
+import pytest
+
+from pdserve.runtime.kv_pool import KVLayout
+from pdserve.transfer.protocol import (Cancel, Handshake, HandshakeAccept, Heartbeat, KVDest,
+                                       LayoutSpec, PoolInfo, TransferComplete, TransferMetrics,
+                                       check_compatible, decode_message, encode)
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float32")
+
+
+def hello(layout=LAYOUT, fingerprint="fp-a", version=1) -> Handshake:
+    pool = PoolInfo(agent_name="a", base_addr=1 << 40, num_pages=8, page_nbytes=layout.page_nbytes,
+                    device_kind="cpu", device_id=0)
+    return Handshake(pool=pool, agent_metadata=b"\x00md", layout=LayoutSpec.of(layout),
+                     fingerprint=fingerprint, protocol_version=version)
+
+
+@pytest.mark.parametrize("msg", [
+    hello(),
+    HandshakeAccept(pool=hello().pool),
+    KVDest(transfer_id="t", page_ids=[3, 1, 2]),
+    TransferComplete(transfer_id="t", payload=b"\x01\x02", metrics=TransferMetrics(transfer_id="t", kv_bytes=9)),
+    Cancel(transfer_id="t", reason="r"),
+    Heartbeat(sent_at=1.5),
+])
+def test_round_trip(msg):
+    assert decode_message(encode(msg)) == msg
+
+
+def test_layout_spec_round_trip():
+    assert LayoutSpec.of(LAYOUT).to_layout() == LAYOUT
+
+
+def test_garbage_is_an_error():
+    with pytest.raises(msgspec.DecodeError):
+        decode_message(b"\xc1not msgpack")
+
+
+def test_compatible():
+    assert check_compatible(hello(), hello()) is None
+
+
+def test_page_size_mismatch_names_both():
+    other = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=32, dtype="float32")
+    assert check_compatible(hello(), hello(other)) == "page size mismatch: prefill 16, decode 32"
+
+
+def test_fingerprint_and_version_mismatch():
+    assert check_compatible(hello(), hello(fingerprint="fp-b")) == \
+        "model fingerprint mismatch: prefill fp-a, decode fp-b"
+    assert check_compatible(hello(), hello(version=2)) == "protocol version mismatch: prefill 1, decode 2"
+
+
+def test_dtype_mismatch():
+    bf16 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="bfloat16")
+    assert check_compatible(hello(), hello(bf16)) == "dtype mismatch: prefill float32, decode bfloat16"
+
+
+def test_gbps():
+    m = TransferMetrics(transfer_id="t", kv_bytes=2_000_000_000, busy_ms=500.0)
+    assert m.gbps == pytest.approx(4.0)
