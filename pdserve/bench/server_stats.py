@@ -9,8 +9,11 @@ between a scrape before and after each run:
   (e.g. ``pdserve_kv_transfer_bytes_total``);
 - time spent:    ``transfer`` and ``seconds`` (``pdserve_kv_transfer_seconds_sum`` / ``_total``),
   with the histogram's ``_count`` as the number of transfers;
+- per-transfer GB/s histogram: ``transfer`` ... ``throughput_sum`` / ``_count`` (mean over the run);
 - bandwidth gauges: names with ``gbps`` / ``gb_per_s`` / ``bandwidth`` (last value, not a delta).
 From these: busy bandwidth = bytes / transfer seconds, mean transfer ms = seconds / count.
+The pdserve router exports ``pdserve_transfer_kv_bytes_total``, ``pdserve_transfer_seconds``,
+``pdserve_transfer_throughput`` and ``pdserve_transfer_gbps``, which these patterns match.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 _BYTES = re.compile(r"transfer.*bytes(_total|_sum)?$")
 _SECONDS = re.compile(r"transfer.*seconds(_total|_sum)$")
 _COUNT = re.compile(r"transfer.*seconds_count$|transfers_total$")
+_RATE_SUM = re.compile(r"transfer.*throughput_sum$")      # histogram of per-transfer GB/s
+_RATE_COUNT = re.compile(r"transfer.*throughput_count$")
 _GAUGE = re.compile(r"gbps|gb_per_s|bandwidth")
 
 
@@ -82,6 +87,9 @@ def transfer_delta(before: dict[str, float] | None, after: dict[str, float] | No
         out["kv_transfers"] = count
         if seconds > 0:
             out["kv_transfer_mean_ms"] = seconds / count * 1e3
+    rate_count = _sum_matching(delta, _RATE_COUNT)
+    if rate_count > 0:
+        out["kv_transfer_mean_gb_per_s"] = _sum_matching(delta, _RATE_SUM) / rate_count
     for k, v in after.items():
         if _GAUGE.search(k) and not _BYTES.search(k):
             out[k] = v
