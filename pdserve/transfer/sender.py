@@ -2,17 +2,21 @@
 
 One transfer, as the prefill scheduler sees it::
 
-    sender.expect(tid)                     # the PrefillReq arrived          -> WAITING_DEST
     poll() -> DestReady(tid, dst_pages)    # decode's KVDest arrived         -> TRANSFERRING
-    sender.write(tid, src_pages, dst_index)   # per finished prefill chunk (may come before
-                                              # DestReady: queued, posted when the pages are known)
+    sender.write(tid, src_pages, dst_index)   # per finished prefill chunk
     sender.finish(tid, payload)            # first token + logprobs
     poll() -> TransferSent(tid, metrics)   # every write DONE, completion notif sent -> DONE
     (or poll() -> TransferCancelled(tid, reason): decode cancelled, peer lost, write failed, timeout)
 
-A KVDest may arrive before ``expect`` (decode is fast, the PrefillReq still queued): it is kept
-for ``transfer_timeout_s`` and bound when ``expect`` comes; after that the decode is told (Cancel)
-so it frees the pages.
+The KVDest may arrive before the PrefillReq (decode is fast, the request still queued) or after
+it. Either way DestReady is emitted when it arrives and the sender keeps the transfer; if nothing
+claims it (write / finish / expect) within ``transfer_timeout_s`` decode is told (Cancel) so it
+frees its pages. Optionally ``expect(tid)`` when the PrefillReq arrives (-> WAITING_DEST): writes
+issued before DestReady are then queued and posted as soon as the pages are known, and a KVDest
+that never comes times out here too.
+
+``forget(tid)`` on a live transfer aborts it quietly: it still drains and tells decode, but no
+event is emitted for it any more.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class _Send(TransferRecord):
     first_post: float | None = None
     tell_peer: bool = False               # send Cancel to decode once drained (we stopped it)
     ack_peer: bool = False                # send CancelAck to decode once drained (it stopped it)
+    claimed: bool = False                 # the prefill side knows it (expect / write / finish)
+    forgotten: bool = False               # forget() called: no events, dropped once terminal
 
 
 class KVSender:
@@ -66,22 +72,19 @@ class KVSender:
         self.bootstrap_endpoint = self._channel.endpoint
         self._peers: dict[str, PoolInfo] = {}                 # accepted decode agents
         self._transfers: dict[str, _Send] = {}
-        self._early: dict[str, tuple[str, list[int], float]] = {}   # tid -> (peer, pages, t)
         self._events: list[SenderEvent] = []
         self.metrics_ring = MetricsRing(metrics_capacity)
 
     # -- scheduler API ------------------------------------------------------------------------
     def expect(self, transfer_id: str) -> None:
-        """The prefill request for ``transfer_id`` is here; DestReady follows (maybe already)."""
+        """Optional: the prefill request for ``transfer_id`` is here (writes may precede DestReady)."""
         old = self._transfers.get(transfer_id)
         if old is not None and not old.state.is_terminal:
-            raise TransferError(f"transfer {transfer_id} is already live ({old.state.value})")
-        rec = _Send(transfer_id, peer="", state=S.WAITING_DEST,
-                    metrics=TransferMetrics(transfer_id=transfer_id))
-        self._transfers[transfer_id] = rec
-        early = self._early.pop(transfer_id, None)
-        if early is not None:
-            self._bind_dest(rec, early[0], early[1])
+            if old.claimed or old.forgotten:
+                raise TransferError(f"transfer {transfer_id} is already live ({old.state.value})")
+            old.claimed = True                  # its KVDest came first
+            return
+        self._transfers[transfer_id] = self._new(transfer_id, S.WAITING_DEST, claimed=True)
 
     def write(self, transfer_id: str, src_pages: list[int], dst_index: int) -> bool:
         """Write local ``src_pages`` to ``dst_page_ids[dst_index : dst_index + len]`` (non-blocking).
@@ -93,6 +96,7 @@ class KVSender:
             return False
         if rec.payload is not None:
             raise TransferError(f"transfer {transfer_id}: write() after finish()")
+        rec.claimed = True
         bad = [p for p in src_pages if not 0 <= p < self.pool.num_pages]
         if bad or dst_index < 0:
             raise TransferError(f"transfer {transfer_id}: bad source pages {bad} / dst_index {dst_index}")
@@ -110,26 +114,38 @@ class KVSender:
         if rec.payload is not None:
             raise TransferError(f"transfer {transfer_id}: finish() called twice")
         rec.payload = bytes(payload)
+        rec.claimed = True
         self._progress(rec)
         return True
 
     def abort(self, transfer_id: str, reason: str = "aborted by prefill") -> None:
-        """Stop; decode is told once in-flight writes drain; TransferCancelled follows."""
+        """Stop; decode is told once in-flight writes drain; TransferCancelled follows.
+
+        Aborting a transfer whose KVDest has not come yet leaves a tombstone, so a late KVDest is
+        answered with Cancel at once (decode frees its pages instead of waiting for a timeout).
+        """
         rec = self._transfers.get(transfer_id)
-        if rec is not None and rec.state in (S.WAITING_DEST, S.TRANSFERRING):
+        if rec is None:
+            rec = self._transfers[transfer_id] = self._new(transfer_id, S.WAITING_DEST, claimed=True)
+        if rec.state in (S.WAITING_DEST, S.TRANSFERRING):
             self._stop(rec, reason, tell_peer=True)
 
     def state(self, transfer_id: str) -> TransferState:
         return self._get(transfer_id).state
 
-    def metrics(self, transfer_id: str) -> TransferMetrics:
-        return self._get(transfer_id).metrics
+    def metrics(self, transfer_id: str) -> TransferMetrics | None:
+        """Bytes, descriptors, busy ms, GB/s so far; None for an unknown (or forgotten) transfer."""
+        rec = self._transfers.get(transfer_id)
+        return None if rec is None or rec.forgotten else rec.metrics
 
     def forget(self, transfer_id: str) -> None:
+        """Drop the record; a live transfer is aborted quietly (no more events for it)."""
         rec = self._transfers.get(transfer_id)
-        if rec is not None and not rec.state.is_terminal:
-            raise TransferError(f"transfer {transfer_id} is live ({rec.state.value}); abort it first")
-        self._transfers.pop(transfer_id, None)
+        if rec is None:
+            return
+        rec.forgotten = True                 # kept (invisibly) until drained + expired
+        if rec.state in (S.WAITING_DEST, S.TRANSFERRING):
+            self._stop(rec, "forgotten by prefill", tell_peer=True)
 
     def poll(self) -> list[SenderEvent]:
         for peer, msg in self._channel.recv():
@@ -152,14 +168,22 @@ class KVSender:
     # -- internals ----------------------------------------------------------------------------
     def _get(self, transfer_id: str) -> _Send:
         rec = self._transfers.get(transfer_id)
-        if rec is None:
-            raise TransferError(f"unknown transfer {transfer_id} (expect() it first)")
+        if rec is None or rec.forgotten:
+            raise TransferError(f"unknown transfer {transfer_id} (no KVDest and no expect() yet)")
         return rec
+
+    def _new(self, transfer_id: str, state: TransferState, *, claimed: bool) -> _Send:
+        return _Send(transfer_id, peer="", state=state, claimed=claimed,
+                     metrics=TransferMetrics(transfer_id=transfer_id))
+
+    def _emit(self, rec: _Send, event: SenderEvent) -> None:
+        if not rec.forgotten:
+            self._events.append(event)
 
     def _bind_dest(self, rec: _Send, peer: str, pages: list[int]) -> None:
         rec.peer, rec.dst_pages = peer, pages
         rec.advance(S.TRANSFERRING)
-        self._events.append(DestReady(rec.transfer_id, list(pages)))
+        self._emit(rec, DestReady(rec.transfer_id, list(pages)))
         queued, rec.queued = rec.queued, []
         for src, dst_index in queued:
             if rec.state is S.TRANSFERRING:
@@ -226,7 +250,7 @@ class KVSender:
         self._nixl.send_notif(rec.peer, encode(msg))
         rec.advance(S.DONE)
         self.metrics_ring.add(m)
-        self._events.append(TransferSent(rec.transfer_id, m))
+        self._emit(rec, TransferSent(rec.transfer_id, m))
 
     def _stop(self, rec: _Send, reason: str, *, tell_peer: bool = False, ack_peer: bool = False) -> None:
         rec.advance(S.CANCELLING, reason)
@@ -241,7 +265,7 @@ class KVSender:
             if rec.ack_peer:
                 self._channel.send(rec.peer, CancelAck(transfer_id=rec.transfer_id))
         rec.advance(S.CANCELLED)
-        self._events.append(TransferCancelled(rec.transfer_id, rec.reason))
+        self._emit(rec, TransferCancelled(rec.transfer_id, rec.reason))
 
     def _fail_now(self, rec: _Send, reason: str) -> None:
         """The peer is gone (or hung): drop in-flight writes without waiting for them."""
@@ -250,7 +274,7 @@ class KVSender:
         rec.inflight.clear()
         rec.queued.clear()
         rec.advance(S.FAILED, reason)
-        self._events.append(TransferCancelled(rec.transfer_id, reason))
+        self._emit(rec, TransferCancelled(rec.transfer_id, reason))
 
     # -- messages from decode nodes -----------------------------------------------------------
     def _on_message(self, peer: str, msg) -> None:
@@ -301,14 +325,13 @@ class KVSender:
             reason = f"transfer {tid} already {rec.state.value} on this prefill node"
         if reason is not None:
             self._channel.send(peer, Cancel(transfer_id=tid, reason=reason))
-        elif rec is None:
-            self._early[tid] = (peer, pages, time.monotonic())
-        else:
-            self._bind_dest(rec, peer, pages)
+            return
+        if rec is None:                               # ahead of (or without) the PrefillReq
+            rec = self._transfers[tid] = self._new(tid, S.WAITING_DEST, claimed=False)
+        self._bind_dest(rec, peer, pages)
 
     def _on_cancel(self, peer: str, msg: Cancel) -> None:
         rec = self._transfers.get(msg.transfer_id)
-        self._early.pop(msg.transfer_id, None)
         if rec is not None and rec.peer in ("", peer) and rec.state in (S.WAITING_DEST, S.TRANSFERRING):
             rec.peer = peer
             self._stop(rec, f"cancelled by decode: {msg.reason}", ack_peer=True)
@@ -316,8 +339,6 @@ class KVSender:
             self._channel.send(peer, CancelAck(transfer_id=msg.transfer_id))
 
     def _on_peer_lost(self, peer: str, reason: str) -> None:
-        for tid in [t for t, e in self._early.items() if e[0] == peer]:
-            del self._early[tid]
         for rec in self._transfers.values():
             if rec.peer == peer and not rec.state.is_terminal:
                 self._fail_now(rec, reason)
@@ -326,17 +347,17 @@ class KVSender:
 
     def _expire(self, now: float) -> None:
         limit = self.cfg.transfer_timeout_s
-        for tid, (peer, _, t) in list(self._early.items()):
-            if now - t > limit:
-                del self._early[tid]
-                self._channel.send(peer, Cancel(transfer_id=tid, reason=f"prefill request for "
-                                                f"{tid} did not arrive within {limit:g} s"))
         for tid, rec in list(self._transfers.items()):
             age = rec.age_s(now)
             if rec.state in (S.WAITING_DEST, S.TRANSFERRING) and age > limit:
-                what = "no destination pages from decode" if rec.state is S.WAITING_DEST else "not finished"
-                self._stop(rec, f"timed out: {what} after {limit:g} s", tell_peer=True)
+                if not rec.claimed:
+                    reason = f"prefill request for {tid} did not arrive within {limit:g} s"
+                elif rec.state is S.WAITING_DEST:
+                    reason = f"timed out: no destination pages from decode after {limit:g} s"
+                else:
+                    reason = f"timed out: not finished after {limit:g} s"
+                self._stop(rec, reason, tell_peer=True)
             elif rec.state is S.CANCELLING and age > limit + self.cfg.peer_timeout_s:
                 self._fail_now(rec, f"{rec.reason} (writes did not drain)")
             elif rec.state.is_terminal and now - rec.ended_at > limit:
-                del self._transfers[tid]     # never forgotten by the caller: don't leak
+                del self._transfers[tid]     # kept a while to answer late KVDests; then no leak

@@ -53,8 +53,9 @@ def pair():
 def test_early_dest_and_queued_writes(pair):
     s, r = pair
     r.expect("early", s.bootstrap_endpoint, [9, 10, 11])    # KVDest reaches P before its request
-    pump(s, r, lambda se, re: s._early)                      # kept, no event yet
-    s.expect("early")
+    se, _ = pump(s, r, lambda se, re: se)
+    assert se == [DestReady("early", [9, 10, 11])]           # kept, announced
+    s.expect("early")                                        # the PrefillReq arrives: claims it
     s.expect("queued")                                       # writes before its KVDest: queued
     assert s.state("queued") is TransferState.WAITING_DEST
     assert s.write("queued", [0, 1], 0) and s.write("queued", [5], 2)
@@ -64,7 +65,7 @@ def test_early_dest_and_queued_writes(pair):
     s.finish("early", b"e")
     se, re = pump(s, r, lambda se, re: len(re) == 2)
     assert {e.transfer_id: e.payload for e in re if isinstance(e, TransferDone)} == {"early": b"e", "queued": b"q"}
-    assert {type(e) for e in se} == {DestReady, TransferSent}
+    assert {type(e) for e in se} == {DestReady, TransferSent} and len(se) == 3
     for src_page, dst_page in [(2, 9), (3, 10), (4, 11), (0, 20), (1, 21), (5, 3)]:
         assert torch.equal(s.pool.page_view(src_page), r.pool.page_view(dst_page))
     m = s.metrics("queued")
@@ -89,6 +90,30 @@ def test_abort_from_prefill_fails_decode(pair):
     assert not s.finish("t", b"")
 
 
+def test_forget_live_transfer_aborts_quietly(pair):
+    s, r = pair
+    r.expect("f", s.bootstrap_endpoint, [1, 2])
+    pump(s, r, lambda se, re: se)
+    s.write("f", [0], 0)
+    s.forget("f")                                          # e.g. the prefill request was dropped
+    se, re = pump(s, r, lambda se, re: re)
+    assert re == [TransferFailed("f", "cancelled by prefill: forgotten by prefill")]
+    assert se == [] and s.metrics("f") is None
+    with pytest.raises(TransferError, match="unknown transfer"):
+        s.state("f")
+
+
+def test_abort_before_dest_cancels_late_dest_at_once(pair):
+    s, r = pair
+    s.abort("gone", "router aborted")                      # its KVDest has not come yet
+    assert pump(s, r, lambda se, re: se)[0] == [TransferCancelled("gone", "router aborted")]
+    s.forget("gone")
+    r.expect("gone", s.bootstrap_endpoint, [3])
+    _, re = pump(s, r, lambda se, re: re, timeout_s=2.0)   # not after transfer_timeout_s (30 s)
+    assert re == [TransferFailed("gone", "cancelled by prefill: transfer gone already cancelled "
+                                         "on this prefill node")]
+
+
 def test_misuse_raises(pair):
     s, r = pair
     with pytest.raises(TransferError, match="unknown transfer"):
@@ -96,8 +121,6 @@ def test_misuse_raises(pair):
     s.expect("t")
     with pytest.raises(TransferError, match="already live"):
         s.expect("t")
-    with pytest.raises(TransferError, match="abort it first"):
-        s.forget("t")
     s.finish("t", b"")
     with pytest.raises(TransferError, match="finish\\(\\) called twice"):
         s.finish("t", b"")
