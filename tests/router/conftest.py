@@ -1,4 +1,4 @@
-"""Fixtures for the router tests: a real redis-server per test."""
+"""Fixtures for the router tests: a real redis-server per test, the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -13,3 +13,12 @@ def redis_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (GGUF metadata; pulled on first use like `pdserve model pull`)."""
+    from pdserve.model_pull import resolve_model_path
+    from pdserve.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model_path("smollm2"))
