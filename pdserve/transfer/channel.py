@@ -93,6 +93,9 @@ class BootstrapChannel:
         self._ctrl.send_multipart([b"stop", b"", b""])
         self._thread.join(timeout=5.0)
         self._ctrl.close(linger=0)
+        if self._thread.is_alive():   # term() would wait for its sockets forever
+            log.warning("bootstrap I/O thread did not stop; leaving its sockets to process exit")
+            return
         self._ctx.term()
 
     # -- I/O thread ---------------------------------------------------------------------------

@@ -110,13 +110,16 @@ class NixlAgent:
         self.mem_type = mem_type_of(buffer.device)
         self.device_id = device_id_of(buffer.device)
         self.capture_telemetry = capture_telemetry
-        conf = api.nixl_agent_config(backends=["UCX"], capture_telemetry=capture_telemetry)
+        try:
+            conf = api.nixl_agent_config(backends=["UCX"], capture_telemetry=capture_telemetry)
+        except TypeError:   # NIXL releases before telemetry
+            conf, self.capture_telemetry = api.nixl_agent_config(backends=["UCX"]), False
         self._agent = api.nixl_agent(name, conf)
         if "UCX" not in self._agent.backends:
             raise RuntimeError(f"NIXL has no UCX backend here (plugins: {self._agent.plugin_list})")
         self._reg = self._agent.register_memory(buffer)
         self.metadata: bytes = self._agent.get_agent_metadata()
-        local = page_descriptors(buffer.data_ptr(), self.num_pages, page_nbytes, self.device_id)
+        local = _tuples(page_descriptors(buffer.data_ptr(), self.num_pages, page_nbytes, self.device_id))
         self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem_type)
         self._peers: dict[str, tuple[PeerPool, Any]] = {}   # name -> (pool, prepped remote dlist)
         self._stuck: list[Any] = []                          # handles whose release failed
@@ -136,7 +139,7 @@ class NixlAgent:
         loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
         if loaded != peer.agent_name:
             raise ValueError(f"metadata is for agent {loaded!r}, handshake says {peer.agent_name!r}")
-        remote = page_descriptors(peer.base_addr, peer.num_pages, peer.page_nbytes, peer.device_id)
+        remote = _tuples(page_descriptors(peer.base_addr, peer.num_pages, peer.page_nbytes, peer.device_id))
         dlist = self._agent.prep_xfer_dlist(peer.agent_name, remote, peer.mem_type)
         self._peers[peer.agent_name] = (peer, dlist)
         # Connect now (at handshake), not inside the first transfer's timing.
@@ -149,7 +152,7 @@ class NixlAgent:
         entry = self._peers.pop(name, None)
         if entry is None:
             return
-        entry[1].release()
+        self._agent.release_dlist_handle(entry[1])
         self._agent.remove_remote_agent(name)
 
     # -- writes -------------------------------------------------------------------------------
@@ -164,16 +167,16 @@ class NixlAgent:
         t0 = time.perf_counter()
         if mode == "prepped":
             src_idx, dst_idx = expand(runs)
-            xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, src_idx, remote_dlist,
-                                                 dst_idx, notif)
+            xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, src_idx.tolist(), remote_dlist,
+                                                 dst_idx.tolist(), notif)
         else:
-            src = run_descriptors(runs, self.base_addr, self.page_nbytes, self.device_id, side="src")
-            dst = run_descriptors(runs, peer.base_addr, peer.page_nbytes, peer.device_id, side="dst")
+            src = _tuples(run_descriptors(runs, self.base_addr, self.page_nbytes, self.device_id, side="src"))
+            dst = _tuples(run_descriptors(runs, peer.base_addr, peer.page_nbytes, peer.device_id, side="dst"))
             xfer = self._agent.initialize_xfer("WRITE", self._agent.get_xfer_descs(src, self.mem_type),
                                                self._agent.get_xfer_descs(dst, peer.mem_type),
                                                peer_name, notif)
-        status = self._agent.transfer(xfer)
         t1 = time.perf_counter()
+        status = self._agent.transfer(xfer)
         if status == "ERR":
             self.release(xfer)
             raise RuntimeError(f"NIXL refused to post a write to {peer_name}")
@@ -187,9 +190,13 @@ class NixlAgent:
 
     def desc_count(self, handle: WriteHandle) -> int:
         """Descriptors NIXL actually used (after its merging); -1 without telemetry."""
-        if not self.capture_telemetry:
+        if not self.capture_telemetry or not hasattr(self._agent, "get_xfer_telemetry"):
             return -1
-        return int(self._agent.get_xfer_telemetry(handle.xfer).descCount)
+        try:
+            return int(self._agent.get_xfer_telemetry(handle.xfer).descCount)
+        except Exception as exc:  # telemetry is diagnostics only; never fail a transfer on it
+            log.debug("no NIXL telemetry: %s", exc)
+            return -1
 
     def release(self, xfer: Any) -> bool:
         """Free a transfer handle (NIXL cancels it if still active). False if it could not be freed
@@ -198,7 +205,7 @@ class NixlAgent:
         ok = True
         for h in pending:
             try:
-                h.release()
+                self._agent.release_xfer_handle(h)
             except Exception as exc:  # nixl raises its own error types from the C++ binding
                 log.warning("releasing NIXL transfer handle failed (%s); will retry", exc)
                 self._stuck.append(h)
@@ -217,14 +224,19 @@ class NixlAgent:
     def close(self) -> None:
         for name in list(self._peers):
             self.remove_peer(name)
-        self._local_dlist.release()
+        self._agent.release_dlist_handle(self._local_dlist)
         for h in self._stuck:
             try:
-                h.release()
+                self._agent.release_xfer_handle(h)
             except Exception as exc:
                 log.warning("NIXL handle still active at close: %s", exc)
         self._stuck = []
         self._agent.deregister_memory(self._reg)
+
+
+def _tuples(rows) -> list[tuple[int, int, int]]:
+    """``[n, 3]`` uint64 rows -> (address, nbytes, device id) tuples: the form every NIXL release takes."""
+    return [tuple(r) for r in rows.tolist()]
 
 
 def pool_info(agent: NixlAgent, pool: KVPool) -> PoolInfo:

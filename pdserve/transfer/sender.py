@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+import torch
 from dataclasses import dataclass, field
 
 from pdserve.config import TransferConfig
@@ -86,10 +88,13 @@ class KVSender:
             return
         self._transfers[transfer_id] = self._new(transfer_id, S.WAITING_DEST, claimed=True)
 
-    def write(self, transfer_id: str, src_pages: list[int], dst_index: int) -> bool:
+    def write(self, transfer_id: str, src_pages: list[int], dst_index: int, *,
+              ready_event: "torch.cuda.Event | None" = None) -> bool:
         """Write local ``src_pages`` to ``dst_page_ids[dst_index : dst_index + len]`` (non-blocking).
 
-        False if the transfer is no longer live (cancelled / failed): stop prefilling it.
+        On CUDA the pages' KV must be complete before NIXL reads them (its copies run on their own
+        stream): this waits for ``ready_event`` (recorded after the chunk's forward) or, without
+        one, for the current stream. False if the transfer is no longer live: stop prefilling it.
         """
         rec = self._get(transfer_id)
         if rec.state not in (S.WAITING_DEST, S.TRANSFERRING):
@@ -100,6 +105,8 @@ class KVSender:
         bad = [p for p in src_pages if not 0 <= p < self.pool.num_pages]
         if bad or dst_index < 0:
             raise TransferError(f"transfer {transfer_id}: bad source pages {bad} / dst_index {dst_index}")
+        if self.pool.device.type == "cuda":
+            (ready_event or torch.cuda.current_stream(self.pool.device)).synchronize()
         if rec.dst_pages is None:
             rec.queued.append((list(src_pages), dst_index))
         else:
@@ -315,10 +322,15 @@ class KVSender:
     def _on_dest(self, peer: str, dest: KVDest) -> None:
         tid, pages = dest.transfer_id, dest.page_ids
         info = self._peers.get(peer)
-        reason = None
         if info is None:
-            reason = f"no accepted handshake from {peer}"
-        elif any(not 0 <= p < info.num_pages for p in pages):
+            # This node never accepted that decode: most likely we restarted at the same endpoint
+            # and its DEALER reconnected silently. A reject makes it drop us and dial afresh.
+            self._channel.send(peer, HandshakeReject(reason=f"prefill {self.agent_name} has no handshake "
+                                                            f"from {peer} (restarted?)"))
+            self._channel.drop(peer)
+            return
+        reason = None
+        if any(not 0 <= p < info.num_pages for p in pages):
             reason = f"destination pages outside the decode pool of {info.num_pages} pages"
         rec = self._transfers.get(tid)
         if reason is None and rec is not None and rec.state is not S.WAITING_DEST:

@@ -5,6 +5,7 @@ test_two_process.py.
 """
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -131,6 +132,31 @@ def test_misuse_raises(pair):
     pump(s, r, lambda se, re: any(isinstance(e, DestReady) and e.transfer_id == "u" for e in se))
     with pytest.raises(TransferError, match="beyond the 1 decode pages"):
         s.write("u", [0, 1], 0)
+
+
+def test_prefill_restarted_at_same_endpoint():
+    cfg = TransferConfig(heartbeat_interval_s=0.1, peer_timeout_s=5.0)   # restart beats the timeout
+    s, r = make_pair(cfg, cfg)
+    try:
+        r.expect("a", s.bootstrap_endpoint, [1])
+        pump(s, r, lambda se, re: se)                 # DestReady
+        s.write("a", [0], 0)
+        s.finish("a", b"")
+        assert isinstance(pump(s, r, lambda se, re: re)[1][0], TransferDone)
+        port = int(s.bootstrap_endpoint.rsplit(":", 1)[1])
+        s.close()
+        s = KVSender(KVPool(4, LAYOUT), "fp", replace(cfg, bootstrap_port=port), "127.0.0.1")
+        r.expect("b", s.bootstrap_endpoint, [2])      # same endpoint, new process state
+        _, re = pump(s, r, lambda se, re: re)
+        assert re[0].transfer_id == "b" and re[0].reason.endswith("(restarted?)")
+        r.expect("c", s.bootstrap_endpoint, [3])      # dials afresh: handshake, then works
+        pump(s, r, lambda se, re: se)
+        s.write("c", [1], 0)
+        s.finish("c", b"ok")
+        assert pump(s, r, lambda se, re: re)[1][0].payload == b"ok"
+    finally:
+        s.close()
+        r.close()
 
 
 def test_unclaimed_dest_is_cancelled_after_timeout():
