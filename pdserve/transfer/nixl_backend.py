@@ -42,6 +42,21 @@ log = logging.getLogger(__name__)
 XFER_MODES = ("prepped", "descs")
 
 
+class NixlError(RuntimeError):
+    """A NIXL call failed (the binding's own nixl*Error types, translated at this boundary)."""
+
+
+def _binding_errors(api: ModuleType) -> tuple[type[BaseException], ...]:
+    """The exception classes of the NIXL C++ binding next to ``api`` (nixlRemoteDisconnectError...)."""
+    try:
+        bindings = importlib.import_module(api.__name__.rsplit(".", 1)[0] + "._bindings")
+    except ImportError:
+        return (NixlError,)
+    errors = tuple(o for o in vars(bindings).values()
+                   if isinstance(o, type) and issubclass(o, Exception))
+    return errors or (NixlError,)
+
+
 def load_nixl() -> ModuleType:
     """``nixl_cu13._api`` (CUDA 13 machines) or ``nixl_cu12._api``, whichever is installed."""
     errors = []
@@ -114,6 +129,7 @@ class NixlAgent:
             conf = api.nixl_agent_config(backends=["UCX"], capture_telemetry=capture_telemetry)
         except TypeError:   # NIXL releases before telemetry
             conf, self.capture_telemetry = api.nixl_agent_config(backends=["UCX"]), False
+        self._errors = _binding_errors(api)
         self._agent = api.nixl_agent(name, conf)
         if "UCX" not in self._agent.backends:
             raise RuntimeError(f"NIXL has no UCX backend here (plugins: {self._agent.plugin_list})")
@@ -135,15 +151,19 @@ class NixlAgent:
             raise ValueError(f"peer page is {peer.page_nbytes} bytes, ours {self.page_nbytes}")
         if peer.agent_name in self._peers:
             self.remove_peer(peer.agent_name)
-        loaded = self._agent.add_remote_agent(peer.metadata)
-        loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
-        if loaded != peer.agent_name:
-            raise ValueError(f"metadata is for agent {loaded!r}, handshake says {peer.agent_name!r}")
         remote = _tuples(page_descriptors(peer.base_addr, peer.num_pages, peer.page_nbytes, peer.device_id))
-        dlist = self._agent.prep_xfer_dlist(peer.agent_name, remote, peer.mem_type)
-        self._peers[peer.agent_name] = (peer, dlist)
-        # Connect now (at handshake), not inside the first transfer's timing.
-        self._agent.make_connection(peer.agent_name)
+        try:
+            loaded = self._agent.add_remote_agent(peer.metadata)
+            loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if loaded != peer.agent_name:
+                self._agent.remove_remote_agent(loaded)
+                raise NixlError(f"metadata is for agent {loaded!r}, handshake says {peer.agent_name!r}")
+            dlist = self._agent.prep_xfer_dlist(peer.agent_name, remote, peer.mem_type)
+            self._peers[peer.agent_name] = (peer, dlist)
+            # Connect now (at handshake), not inside the first transfer's timing.
+            self._agent.make_connection(peer.agent_name)
+        except self._errors as exc:
+            raise NixlError(f"adding peer {peer.agent_name}: {type(exc).__name__}: {exc}") from exc
 
     def has_peer(self, name: str) -> bool:
         return name in self._peers
@@ -152,8 +172,11 @@ class NixlAgent:
         entry = self._peers.pop(name, None)
         if entry is None:
             return
-        self._agent.release_dlist_handle(entry[1])
-        self._agent.remove_remote_agent(name)
+        try:
+            self._agent.release_dlist_handle(entry[1])
+            self._agent.remove_remote_agent(name)
+        except self._errors as exc:   # the peer is gone anyway; nothing left to undo
+            log.warning("removing NIXL peer %s: %s: %s", name, type(exc).__name__, exc)
 
     # -- writes -------------------------------------------------------------------------------
     def post_write(self, peer_name: str, runs: list[Run], *, mode: str = "prepped",
@@ -164,6 +187,14 @@ class NixlAgent:
         if not runs:
             raise ValueError("post_write needs at least one run")
         peer, remote_dlist = self._peers[peer_name]
+        try:
+            return self._post(peer, remote_dlist, runs, mode, notif)
+        except self._errors as exc:
+            raise NixlError(f"write to {peer_name}: {type(exc).__name__}: {exc}") from exc
+
+    def _post(self, peer: PeerPool, remote_dlist: Any, runs: list[Run], mode: str,
+              notif: bytes) -> WriteHandle:
+        peer_name = peer.agent_name
         t0 = time.perf_counter()
         if mode == "prepped":
             src_idx, dst_idx = expand(runs)
@@ -179,14 +210,18 @@ class NixlAgent:
         status = self._agent.transfer(xfer)
         if status == "ERR":
             self.release(xfer)
-            raise RuntimeError(f"NIXL refused to post a write to {peer_name}")
+            raise NixlError(f"NIXL refused to post a write to {peer_name}")
         num_pages = sum(r.num_pages for r in runs)
         return WriteHandle(xfer=xfer, peer=peer_name, kv_bytes=num_pages * self.page_nbytes,
                            num_descriptors=len(runs), setup_us=(t1 - t0) * 1e6, posted_at=t0)
 
     def state(self, handle: WriteHandle) -> str:
-        """"DONE" | "PROC" | "ERR"."""
-        return self._agent.check_xfer_state(handle.xfer)
+        """"DONE" | "PROC" | "ERR" (a raised NIXL error, e.g. the remote disconnected, is "ERR")."""
+        try:
+            return self._agent.check_xfer_state(handle.xfer)
+        except self._errors as exc:
+            log.warning("NIXL write to %s: %s: %s", handle.peer, type(exc).__name__, exc)
+            return "ERR"
 
     def desc_count(self, handle: WriteHandle) -> int:
         """Descriptors NIXL actually used (after its merging); -1 without telemetry."""
@@ -194,7 +229,7 @@ class NixlAgent:
             return -1
         try:
             return int(self._agent.get_xfer_telemetry(handle.xfer).descCount)
-        except Exception as exc:  # telemetry is diagnostics only; never fail a transfer on it
+        except self._errors as exc:   # telemetry is diagnostics only; never fail a transfer on it
             log.debug("no NIXL telemetry: %s", exc)
             return -1
 
@@ -206,7 +241,7 @@ class NixlAgent:
         for h in pending:
             try:
                 self._agent.release_xfer_handle(h)
-            except Exception as exc:  # nixl raises its own error types from the C++ binding
+            except self._errors as exc:
                 log.warning("releasing NIXL transfer handle failed (%s); will retry", exc)
                 self._stuck.append(h)
                 ok = ok and h is not xfer
@@ -214,7 +249,10 @@ class NixlAgent:
 
     # -- notifications ------------------------------------------------------------------------
     def send_notif(self, peer_name: str, data: bytes) -> None:
-        self._agent.send_notif(peer_name, data)
+        try:
+            self._agent.send_notif(peer_name, data)
+        except self._errors as exc:
+            raise NixlError(f"notification to {peer_name}: {type(exc).__name__}: {exc}") from exc
 
     def get_notifs(self) -> dict[str, list[bytes]]:
         """New notifications since the last call: {sender agent name: [message, ...]}."""
@@ -228,7 +266,7 @@ class NixlAgent:
         for h in self._stuck:
             try:
                 self._agent.release_xfer_handle(h)
-            except Exception as exc:
+            except self._errors as exc:
                 log.warning("NIXL handle still active at close: %s", exc)
         self._stuck = []
         self._agent.deregister_memory(self._reg)

@@ -129,6 +129,8 @@ class KVReceiver:
 
     def _on_message(self, peer: str, msg) -> None:
         if isinstance(msg, HandshakeAccept):
+            if peer not in self._peers:
+                return                        # dropped meanwhile
             self._peers[peer].agent_name = msg.pool.agent_name
             for rec in self._live(peer):
                 if rec.state is S.BOOTSTRAPPING:
@@ -136,7 +138,7 @@ class KVReceiver:
         elif isinstance(msg, HandshakeReject):
             self._drop_peer(peer, f"handshake rejected by {peer}: {msg.reason}")
         elif isinstance(msg, (Cancel, CancelAck)):
-            self._on_cancel(msg)
+            self._on_cancel(peer, msg)
         elif isinstance(msg, PeerLost):
             accepted = peer in self._peers and self._peers[peer].agent_name is not None
             what = "silent" if accepted else "did not answer the handshake"
@@ -144,9 +146,9 @@ class KVReceiver:
         else:
             log.warning("unexpected %s from %s ignored", type(msg).__name__, peer)
 
-    def _on_cancel(self, msg: Cancel | CancelAck) -> None:
+    def _on_cancel(self, peer: str, msg: Cancel | CancelAck) -> None:
         rec = self._transfers.get(msg.transfer_id)
-        if rec is None or rec.state.is_terminal:
+        if rec is None or rec.state.is_terminal or rec.peer != peer:
             return
         if isinstance(msg, Cancel):   # the prefill node stopped it (its writes are drained)
             reason = f"cancelled by prefill: {msg.reason}"

@@ -32,7 +32,8 @@ from pdserve.runtime.kv_pool import KVPool
 from pdserve.transfer.base import (DestReady, MetricsRing, SenderEvent, TransferCancelled,
                                    TransferError, TransferRecord, TransferSent, TransferState)
 from pdserve.transfer.channel import BootstrapChannel, PeerLost
-from pdserve.transfer.nixl_backend import NixlAgent, PeerPool, WriteHandle, agent_name, pool_info
+from pdserve.transfer.nixl_backend import (NixlAgent, NixlError, PeerPool, WriteHandle, agent_name,
+                                           pool_info)
 from pdserve.transfer.protocol import (Cancel, CancelAck, Handshake, HandshakeAccept,
                                        HandshakeReject, KVDest, LayoutSpec, PoolInfo,
                                        TransferComplete, TransferMetrics, check_compatible, encode)
@@ -105,6 +106,9 @@ class KVSender:
         bad = [p for p in src_pages if not 0 <= p < self.pool.num_pages]
         if bad or dst_index < 0:
             raise TransferError(f"transfer {transfer_id}: bad source pages {bad} / dst_index {dst_index}")
+        if rec.dst_pages is not None and dst_index + len(src_pages) > len(rec.dst_pages):
+            raise TransferError(f"transfer {transfer_id}: pages {dst_index}..{dst_index + len(src_pages)} "
+                                f"beyond the {len(rec.dst_pages)} decode pages")
         if self.pool.device.type == "cuda":
             (ready_event or torch.cuda.current_stream(self.pool.device)).synchronize()
         if rec.dst_pages is None:
@@ -198,15 +202,15 @@ class KVSender:
 
     def _post(self, rec: _Send, src: list[int], dst_index: int) -> None:
         dst = rec.dst_pages[dst_index:dst_index + len(src)]
-        if len(dst) != len(src):
-            raise TransferError(f"transfer {rec.transfer_id}: pages {dst_index}..{dst_index + len(src)} "
-                                f"beyond the {len(rec.dst_pages)} decode pages")
+        if len(dst) != len(src):   # only queued writes get here unchecked: decode sent too few pages
+            self._stop(rec, f"decode offered {len(rec.dst_pages)} pages, prefill wrote up to page "
+                            f"{dst_index + len(src)}", tell_peer=True)
+            return
         if not src:
             return
-        runs = coalesce(src, dst)
         try:
-            h = self._nixl.post_write(rec.peer, runs, mode=self.xfer_mode)
-        except RuntimeError as exc:
+            h = self._nixl.post_write(rec.peer, coalesce(src, dst), mode=self.xfer_mode)
+        except NixlError as exc:
             self._stop(rec, f"write failed: {exc}", tell_peer=True)
             return
         m = rec.metrics
@@ -254,7 +258,11 @@ class KVSender:
         m = rec.metrics
         m.wall_ms = (time.perf_counter() - rec.first_post) * 1e3 if rec.first_post else 0.0
         msg = TransferComplete(transfer_id=rec.transfer_id, payload=rec.payload, metrics=m)
-        self._nixl.send_notif(rec.peer, encode(msg))
+        try:
+            self._nixl.send_notif(rec.peer, encode(msg))
+        except NixlError as exc:
+            self._fail_now(rec, f"completion not delivered: {exc}")
+            return
         rec.advance(S.DONE)
         self.metrics_ring.add(m)
         self._emit(rec, TransferSent(rec.transfer_id, m))
@@ -309,7 +317,7 @@ class KVSender:
                                              page_nbytes=hs.pool.page_nbytes,
                                              mem_type="VRAM" if hs.pool.device_kind == "cuda" else "DRAM",
                                              device_id=hs.pool.device_id))
-            except Exception as exc:  # nixl raises its own error types from the C++ binding
+            except NixlError as exc:
                 reason = f"NIXL could not load decode agent {peer}: {exc}"
         if reason is not None:
             log.warning("handshake from %s rejected: %s", peer, reason)
@@ -347,6 +355,8 @@ class KVSender:
         if rec is not None and rec.peer in ("", peer) and rec.state in (S.WAITING_DEST, S.TRANSFERRING):
             rec.peer = peer
             self._stop(rec, f"cancelled by decode: {msg.reason}", ack_peer=True)
+        elif rec is not None and rec.peer == peer and rec.state is S.CANCELLING:
+            rec.ack_peer = True           # already stopping: ack once its writes drained
         else:   # nothing in flight for it here: the decode may reuse its pages now
             self._channel.send(peer, CancelAck(transfer_id=msg.transfer_id))
 
