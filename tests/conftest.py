@@ -8,6 +8,13 @@ import pytest
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Triton kernels run through the interpreter on CPU (tests/kernels). TRITON_INTERPRET must be set
+# before anything imports triton -- transformers does, during collection of other test folders.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:

@@ -4,8 +4,8 @@ Every wrapper validates its inputs on the host (shapes, dtypes, strides, devices
 ``ValueError`` naming the argument: a bad stride in a Triton kernel is a silent wrong answer,
 not a crash, so the check is the only line of defence.
 
-Triton runs on CPU only through its interpreter (``TRITON_INTERPRET=1``, read when a kernel is
-decorated, so it must be set before ``pdserve.kernels.*`` modules are imported). Triton 3.6's
+On CPU the kernels run through Triton's interpreter (``pdserve/kernels/__init__.py`` says when
+it is switched on). It is slow: tests and ``--tiny`` checks only. Triton 3.6's
 interpreter has two bugs that our kernels hit; ``_fix_interpreter`` patches both, and only when
 the interpreter is on (the compiled GPU path is never touched):
 - with numpy >= 2.4, a loop bound that is a runtime scalar (``range(start, end)``) fails with
@@ -49,9 +49,20 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
     require(all(d == first for d in devices.values()), f"tensors on different devices: {devices}")
-    require(first.type == "cuda" or INTERPRET,
-            f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 before importing")
+    if first.type != "cuda":
+        require(INTERPRET, f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 "
+                           "before anything imports triton")
+        require(_interpreter_is_whole(), "TRITON_INTERPRET=1 was set after triton was imported, so triton's own "
+                                         "library functions are compiled-only; set it before importing triton "
+                                         "(or transformers, which imports it)")
     return first
+
+
+def _interpreter_is_whole() -> bool:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.max, InterpretedFunction)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

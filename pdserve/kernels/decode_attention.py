@@ -36,7 +36,8 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # whole key blocks
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)  # end <= start: empty split, loop runs 0 times
 
@@ -49,8 +50,8 @@ def _decode_split_kernel(
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc = tl.full([BLOCK_H, BLOCK_D], 0.0, tl.float32)
     pt_row = page_table_ptr + b * stride_ptb
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -169,7 +170,7 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     _decode_reduce_kernel[(b, hq)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=next_pow2(d), NUM_SPLITS=num_kv_splits, BLOCK_S=next_pow2(num_kv_splits),
+        HEAD_DIM=d, BLOCK_D=next_pow2(d), NUM_SPLITS=num_kv_splits, BLOCK_S=max(2, next_pow2(num_kv_splits)),
         num_warps=4 if d >= 128 else 2,
     )
     return out

@@ -57,7 +57,7 @@ def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k:
     require(loc.shape[0] == t, f"loc has {loc.shape[0]} slots for {t} tokens")
     if t == 0:
         return
-    block_h, block_d = next_pow2(hkv), next_pow2(d)
+    block_h, block_d = max(2, next_pow2(hkv)), next_pow2(d)  # no size-1 aranges
     _store_kv_kernel[(t,)](
         k, v, k_pages, v_pages, loc, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),

@@ -82,7 +82,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin_cache.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=k.shape[1], HALF=half,
-        BLOCK_QH=next_pow2(hq), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_R=next_pow2(half),
+        BLOCK_QH=max(2, next_pow2(hq)), BLOCK_KH=max(2, next_pow2(k.shape[1])), BLOCK_R=max(2, next_pow2(half)),
         num_warps=4 if hq * half >= 1024 else 1,
     )
     return q, k
