@@ -1,4 +1,4 @@
-"""Child-process side of test_two_process.py: a prefill node's KVSender driven over queues.
+"""Child-process side of test_transfer_two_process.py: a prefill node's KVSender driven over queues.
 
 Spawned with multiprocessing "spawn" (a fresh interpreter, as a real node would be). Commands are
 ``(method_name, *args)`` tuples called on the sender; its events come back as plain tuples.

@@ -1,7 +1,7 @@
 """Sender/receiver state machine over real NIXL (UCX, DRAM) with both ends in this process.
 
 Cheap enough to run unmarked: the cross-process behaviour (checksums, kill -9) is in
-test_two_process.py.
+test_transfer_two_process.py.
 """
 
 import time
