@@ -160,8 +160,8 @@ class PrefillNode(NodeBase):
         if notify_router:
             self.send(job.reply_to, PrefillStatus(
                 rid=job.rid, transfer_id=job.transfer_id, ok=ok, error=error,
-                kv_bytes=m.bytes if m else 0, num_descriptors=m.descriptors if m else 0,
-                transfer_ms=m.ms if m else 0.0))
+                kv_bytes=m.kv_bytes if m else 0, num_descriptors=m.num_descriptors if m else 0,
+                transfer_ms=m.busy_ms if m else 0.0))
 
     def load(self) -> dict:
         return {"waiting": len(self.sched.waiting), "running": len(self.sched.prefilling) + len(self.sched.sending),
