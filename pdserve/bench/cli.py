@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import msgspec
 
 from pdserve.bench import server_stats
@@ -82,6 +84,8 @@ class BenchConfig:
     compare: str | None = opt(None, "A second server's URL (e.g. a colocated baseline) run with the same load.")
     compare_label: str = opt("compare", "Name of the --compare server.")
     api_key: str | None = opt(None, "Sent as 'Authorization: Bearer KEY'.")
+    chunked_prefill_size: int | None = opt(None, "The servers' chunk size, for the tuning advice; "
+                                           "default: from /nodes, else 512.")
     request_timeout_s: float = opt(600.0, "Longest wait for a response chunk before a request fails.")
     disable_progress: bool = opt(False, "No progress bar.")
 
@@ -134,8 +138,13 @@ def _print_row(s: Summary) -> None:
     print(progress_line(s), flush=True)
 
 
-async def bench(cfg: BenchConfig) -> tuple[dict[str, list[Summary]], dict[str, Recommendation | None]]:
-    """Run the whole benchmark; returns summaries and recommendations per server label."""
+async def bench(cfg: BenchConfig, on_server_done=None) -> tuple[dict[str, list[Summary]],
+                                                               dict[str, Recommendation | None]]:
+    """Run the whole benchmark; returns summaries and recommendations per server label.
+
+    ``on_server_done(by_label, recs)`` runs after each server's sweep, so a run cut short (a
+    time limit) still leaves the finished servers' summary, table and plots behind.
+    """
     slo = SLO.parse(cfg.slo)
     servers = [(cfg.label, cfg.base_url)] + ([(cfg.compare_label, cfg.compare)] if cfg.compare else [])
     probes = [await _probe(cfg, url) for _, url in servers]
@@ -151,7 +160,9 @@ async def bench(cfg: BenchConfig) -> tuple[dict[str, list[Summary]], dict[str, R
               f"warmup failures={failed}", flush=True)
         by_label[label] = await run_sweep(target, requests, points, cfg, slo, on_summary=_print_row)
         recs[label] = recommend(by_label[label], slo, server_stats.role_counts(nodes),
-                                server_stats.chunk_size(nodes) or DEFAULT_CHUNK_SIZE)
+                                cfg.chunked_prefill_size or server_stats.chunk_size(nodes) or DEFAULT_CHUNK_SIZE)
+        if on_server_done is not None:
+            on_server_done(by_label, recs)
     return by_label, recs
 
 
@@ -183,8 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(BenchConfig, args)
     except ValueError as e:
         parser.error(str(e))
-    by_label, recs = asyncio.run(bench(cfg))
-    files = write_outputs(cfg, by_label, recs)
+    files: list[str] = []
+
+    def save(by_label: dict[str, list[Summary]], recs: dict[str, Recommendation | None]) -> None:
+        files[:] = write_outputs(cfg, by_label, recs)
+
+    try:
+        by_label, recs = asyncio.run(bench(cfg, save))
+    except (httpx.HTTPError, RuntimeError) as e:   # server down or listing no model: before any run
+        print(f"pdserve bench: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     print()
     print(format_table([s for ss in by_label.values() for s in ss]))
     print()

@@ -66,7 +66,7 @@ def progress_line(s: Summary) -> str:
 
 @dataclass
 class Recommendation:
-    binding: str                  # "ttft" | "tpot" | "itl" | "none"
+    binding: str                  # "ttft" | "tpot" | "itl" | "none" | "failed"
     prefill: int
     decode: int
     chunk_size: int
@@ -131,6 +131,10 @@ def recommend(summaries: list[Summary], slo: SLO | None, roles: dict[str, int] |
         n = max(2, colocated or prefill + decode)
         prefill, decode = n // 2, n - n // 2
     s = _stress_point(summaries)
+    if s.failed > s.num_prompts // 10:
+        reason = (f"rate {_rate(s)} req/s: {s.failed}/{s.num_prompts} requests failed "
+                  f"({(s.errors or ['?'])[0][:120]}); fix the failures before tuning")
+        return Recommendation("failed", prefill, decode, chunk_size, [reason])
     p = _pressures(s, slo)
     reasons = [f"stress point: rate {_rate(s)} req/s, {100 * (s.slo_attainment or 0):.0f}% within SLO "
                f"({slo.describe()}); pressure = observed/SLO: "
@@ -213,11 +217,11 @@ def _compare_lines(by_label: dict[str, list[Summary]]) -> list[str]:
     out = []
     if ka is not None and kb is not None:
         out.append(f"compare: goodput {a} {ka.rate:g} vs {b} {kb.rate:g} req/s ({ka.rate / kb.rate:.2f}x)")
-    common = sorted({s.rate for s in sa} & {s.rate for s in sb})
+    common = sorted({s.rate for s in sa if s.completed} & {s.rate for s in sb if s.completed})
     if common:
         r = common[-1]
-        pa = next(s for s in sa if s.rate == r)
-        pb = next(s for s in sb if s.rate == r)
+        pa = next(s for s in sa if s.rate == r and s.completed)
+        pb = next(s for s in sb if s.rate == r and s.completed)
         out.append(f"compare at rate {_rate(pa)}: ITL p99 {a} {pa.itl_ms.p99:.1f} vs {b} {pb.itl_ms.p99:.1f} ms; "
                    f"TTFT p99 {pa.ttft_ms.p99:.0f} vs {pb.ttft_ms.p99:.0f} ms")
     return out

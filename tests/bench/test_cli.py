@@ -76,6 +76,15 @@ def test_all_requests_failing_returns_1(make_server, tmp_path):
     assert s["failed"] == 3 and "HTTP 500" in s["errors"][0]
 
 
+def test_unreachable_server_is_a_clean_error(tmp_path, capsys):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["--base-url", f"http://127.0.0.1:{port}", "--output-dir", str(tmp_path)]) == 2
+    assert "pdserve bench: error: ConnectError" in capsys.readouterr().err
+
+
 def test_dispatch_and_flag_validation(capsys):
     with pytest.raises(SystemExit):
         pdserve_main(["bench", "--help"])

@@ -68,21 +68,22 @@ def pdserve_up(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log_path)
-        yield url
+        yield url, log_path
     finally:
         _stop(proc)
 
 
 def test_bench_against_pdserve_up(pdserve_up, tmp_path, capsys):
+    url, log_path = pdserve_up
     out = tmp_path / "bench"
-    rc = bench_main(["--base-url", pdserve_up, "--request-rate", "4,inf", "--num-prompts", "4",
+    rc = bench_main(["--base-url", url, "--request-rate", "4,inf", "--num-prompts", "4",
                      "--random-input-len", "16", "--random-output-len", "6", "--warmup-requests", "1",
                      "--slo", "ttft=20000,tpot=5000", "--output-dir", str(out), "--disable-progress"])
     printed = capsys.readouterr().out
-    assert rc == 0, printed
+    assert rc == 0, f"{printed}\n--- pdserve up log (tail) ---\n{log_path.read_text()[-3000:]}"
     summary = check_output_dir(out, ["main"], 2)       # TPOT = (E2E-TTFT)/(out-1), percentiles ordered
     for run in summary["runs"]:
-        assert run["failed"] == 0, run["errors"]
+        assert run["failed"] == 0, f"{run['errors']}\n--- pdserve up log ---\n{log_path.read_text()[-3000:]}"
         assert run["total_output_tokens"] == 4 * 6     # ignore_eos: exactly max_tokens each
         assert 0 < run["itl_ms"]["count"] <= 4 * 5     # fewer when a chunk carried several tokens
     rec = load_run(out / "main_rate-inf_conc-none.json")

@@ -53,6 +53,13 @@ def test_headroom_and_missing_slo():
     assert recommend([_point(1, 1.0)], None) is None
 
 
+def test_failures_block_tuning_advice():
+    bad = summarize([timeline([], success=False, output_tokens=0, error="HTTP 503: no pair")] * 4, 1.0,
+                    request_rate=2.0, slo=SLO.parse("ttft=1000"))
+    rec = recommend([bad], SLO.parse("ttft=1000"), {"prefill": 1, "decode": 1})
+    assert rec.binding == "failed" and "HTTP 503" in rec.reasons[0]
+
+
 def test_table_and_final_summary_mention_every_run():
     pd = [_point(1, 0.99), _point(2, 0.92), _point(math.inf, 0.3)]
     co = [_point(1, 0.95, label="colocated"), _point(2, 0.5, label="colocated"),
