@@ -37,6 +37,7 @@ class DecodeJob:
     prefill_bootstrap: str
     reply_to: str
     created: float = field(default_factory=time.monotonic)
+    cancelled: bool = False      # aborted while KV was moving: pages stay until prefill confirms
 
 
 class DecodeNode(ColocatedNode):
@@ -83,9 +84,13 @@ class DecodeNode(ColocatedNode):
                 self._end(job, "abort", None)
                 return
         for job in list(self.transferring.values()):
-            if job.req.rid == rid:
+            if job.req.rid == rid and not job.cancelled:
+                # A write may still be in flight into these pages: keep them until the receiver
+                # reports the transfer over (TransferFailed after prefill confirms the cancel).
                 self.receiver.cancel(job.transfer_id)
-                self._end(job, "abort", None)
+                job.cancelled = True
+                job.req.finish("abort")
+                self._reply(job, take_delta(job.req))
                 return
         self.core.abort(rid, "abort")
 
@@ -121,6 +126,11 @@ class DecodeNode(ColocatedNode):
             job = self.transferring.pop(ev.transfer_id, None)
             if job is None:
                 continue
+            if job.cancelled:
+                self.core.kv.release(job.req, cache=False)
+                self.receiver.forget(ev.transfer_id)
+                continue
+            self.receiver.forget(ev.transfer_id)
             if isinstance(ev, TransferFailed):
                 self._end(job, "error", f"KV transfer failed: {ev.reason}")
             elif isinstance(ev, TransferDone):

@@ -64,6 +64,7 @@ class PrefillNode(NodeBase):
             if msg.transfer_id in self.jobs:
                 raise ValueError(f"duplicate transfer id {msg.transfer_id}")
         except ValueError as exc:
+            self.sender.abort(msg.transfer_id, reason=str(exc))  # the decode node frees its pages now
             self.send(msg.reply_to, PrefillStatus(rid=msg.rid, transfer_id=msg.transfer_id, ok=False, error=str(exc)))
             return
         req = Request(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.sampling, eos_token_ids=self.eos_ids,

@@ -26,21 +26,70 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttention:
+    """Plain-torch attention over the paged pool (the CPU path and the kernels' reference).
+
+    Decode tokens of a step are attended together: their contexts are gathered into one padded
+    ``[B, L, Hkv, D]`` block and GQA is done by grouping query heads per KV head, so a step costs
+    two batched matmuls per layer instead of one call per sequence. Prefill chunks go one
+    sequence at a time with a causal mask offset by the cached prefix.
+    """
+
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
 
     def init_batch(self, batch: ForwardBatch) -> None:
-        pass
+        dec = [i for i, s in enumerate(batch.seqs) if s.num_new_tokens == 1]
+        batch.extras["torch_decode_idx"] = dec
+        batch.extras["torch_prefill_idx"] = [i for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1]
+        if not dec:
+            return
+        lens = [batch.seqs[i].kv_len for i in dec]
+        max_len = max(lens)
+        slots = torch.zeros(len(dec), max_len, dtype=torch.int64, device=batch.input_ids.device)
+        for row, i in enumerate(dec):
+            slots[row, :lens[row]] = batch.kv_locs[i]
+        ps = self.pool.page_size
+        valid = torch.arange(max_len, device=slots.device)[None, :] < torch.tensor(lens, device=slots.device)[:, None]
+        batch.extras["torch_decode"] = (slots // ps, slots % ps, valid,  # [B, L] each
+                                        torch.tensor([batch.q_starts[i] for i in dec], device=slots.device))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch, scale: float) -> torch.Tensor:
         self.pool.write(layer, batch.out_loc, k, v)
         out = torch.empty_like(q)
-        for seq, q_start, kv_loc in zip(batch.seqs, batch.q_starts, batch.kv_locs):
+        if batch.extras.get("torch_decode_idx"):
+            pages, offsets, valid, rows = batch.extras["torch_decode"]
+            keys = self.pool.buffer[pages, layer, 0, offsets]    # [B, L, Hkv, D]
+            values = self.pool.buffer[pages, layer, 1, offsets]  # [B, L, Hkv, D]
+            out[rows] = grouped_attention(q[rows][:, None], keys, values, valid[:, None, :], scale)[:, 0]
+        for i in batch.extras.get("torch_prefill_idx", range(len(batch.seqs))):
+            seq, q_start = batch.seqs[i], batch.q_starts[i]
             n = seq.num_new_tokens
-            keys, values = self.pool.gather(layer, kv_loc)  # [kv_len, Hkv, D]
-            out[q_start:q_start + n] = reference_attention(q[q_start:q_start + n], keys, values, seq.start_pos, scale)
+            keys, values = self.pool.gather(layer, batch.kv_locs[i])  # [kv_len, Hkv, D]
+            q_pos = torch.arange(seq.start_pos, seq.kv_len, device=q.device)[:, None]
+            mask = torch.arange(seq.kv_len, device=q.device)[None, :] <= q_pos  # [n, kv_len]
+            out[q_start:q_start + n] = grouped_attention(q[None, q_start:q_start + n], keys[None], values[None],
+                                                         mask[None], scale)[0]
         return out
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q ``[B, n, Hq, D]``, k/v ``[B, L, Hkv, D]``, mask ``[B, n, L]`` (True = attend) -> ``[B, n, Hq, D]``.
+
+    Query heads are grouped by the KV head they share (GQA), so K/V are never repeated.
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, n, hkv, g, d).permute(0, 2, 3, 1, 4)        # [B, Hkv, G, n, D]
+    kt = k.to(q.dtype).permute(0, 2, 3, 1)[:, :, None]           # [B, Hkv, 1, D, L]
+    scores = torch.matmul(qg, kt) * scale                          # [B, Hkv, G, n, L]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    vh = v.to(q.dtype).permute(0, 2, 1, 3)[:, :, None]            # [B, Hkv, 1, L, D]
+    out = torch.matmul(probs, vh)                                  # [B, Hkv, G, n, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
