@@ -44,8 +44,10 @@ class MetadataBuffers:
         self.max_batch_size = max_batch_size
         self.max_pages_per_seq = max_pages_per_seq
         self.page_table = torch.zeros(max_batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
-        # seq_lens | prefix_lens | q_starts in one buffer: one copy per step
-        self.lens = torch.zeros(3 * max_batch_size + 1, dtype=torch.int32, device=device)
+        # seq_lens | prefix_lens | q_starts in one buffer (one copy per step); segments start on
+        # 16-byte boundaries so every view has the same pointer alignment (no Triton re-specialisation)
+        self.segment = -(-(max_batch_size + 1) // 4) * 4
+        self.lens = torch.zeros(3 * self.segment, dtype=torch.int32, device=device)
 
     def fits(self, batch_size: int, pages_per_seq: int) -> bool:
         return batch_size <= self.max_batch_size and pages_per_seq <= self.max_pages_per_seq
@@ -53,15 +55,15 @@ class MetadataBuffers:
     def fill(self, table: np.ndarray, seq_lens: np.ndarray, prefix_lens: np.ndarray,
              q_starts: np.ndarray, is_decode: bool, max_extend_len: int) -> TritonBatchMeta:
         b, width = table.shape
-        cap = self.max_batch_size
-        lens = np.zeros(3 * cap + 1, dtype=np.int32)
-        lens[:b], lens[cap:cap + b], lens[2 * cap:2 * cap + b + 1] = seq_lens, prefix_lens, q_starts
+        seg = self.segment
+        lens = np.zeros(3 * seg, dtype=np.int32)  # rows past b stay 0: padding sequences are empty
+        lens[:b], lens[seg:seg + b], lens[2 * seg:2 * seg + b + 1] = seq_lens, prefix_lens, q_starts
         if width:
             self.page_table[:b, :width].copy_(torch.from_numpy(table))
         self.lens.copy_(torch.from_numpy(lens))
-        return TritonBatchMeta(is_decode=is_decode, page_table=self.page_table, seq_lens=self.lens[:cap],
-                               prefix_lens=self.lens[cap:cap + b], q_starts=self.lens[2 * cap:2 * cap + b + 1],
-                               max_extend_len=max_extend_len)
+        return TritonBatchMeta(is_decode=is_decode, page_table=self.page_table,
+                               seq_lens=self.lens[:self.max_batch_size], prefix_lens=self.lens[seg:seg + b],
+                               q_starts=self.lens[2 * seg:2 * seg + b + 1], max_extend_len=max_extend_len)
 
 
 class TritonAttention:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels._common import (FLOAT_DTYPES, check_same_device, check_tensor, dot_precision,
+from pdserve.kernels._common import (FLOAT_DTYPES, INTERPRET, check_same_device, check_tensor, dot_precision,
                                      next_pow2, require)
 from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
 
@@ -157,7 +157,8 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     if b == 0:
         return out
     mid_o, mid_lse = workspace.mid_o, workspace.mid_lse
-    block_n = block_n or max(16, min(64, next_pow2(page_size)))
+    block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
+    require(INTERPRET or block_n >= 16, f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
     _decode_split_kernel[(b, hkv, num_kv_splits)](
         q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),

@@ -34,7 +34,7 @@ def _extend_kernel(
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
-    m0 = tl.program_id(2) * BLOCK_M
+    m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # heaviest (last) causal blocks launch first
     kv_head = head // GROUP
     q_start = tl.load(q_starts_ptr + b)
     ext_len = tl.load(q_starts_ptr + b + 1) - q_start

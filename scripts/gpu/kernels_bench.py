@@ -69,10 +69,12 @@ class DecodeBench:
         ws = DecodeWorkspace.allocate(batch, sh.num_q_heads, sh.head_dim, num_kv_splits, torch.bfloat16,
                                       self.q.device, kw.pop("reduce_in_fp32", False))
         chunks = [slice(i, i + batch) for i in range(0, self.max_batch - batch + 1, batch)]
+        # own tensor per chunk: a slice at an odd int32 offset would be a new (unaligned) specialisation
+        lens = [self.seq_lens[c].clone() for c in chunks]
 
         def run():
-            for c in chunks:
-                decode_attention(self.q[c], self.kp, self.vp, self.table[c], self.seq_lens[c], sh.head_dim ** -0.5,
+            for c, seq_lens in zip(chunks, lens):
+                decode_attention(self.q[c], self.kp, self.vp, self.table[c], seq_lens, sh.head_dim ** -0.5,
                                  num_kv_splits=num_kv_splits, out=self.out[c], workspace=ws, **kw)
         return run, len(chunks)
 
