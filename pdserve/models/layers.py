@@ -57,6 +57,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+def _check_full(loaded: torch.Tensor, dim: int, size: int, name: str) -> None:
+    """The checkpoint tensor must have the full (unsharded) size along the split dim."""
+    if loaded.dim() <= dim or loaded.shape[dim] != size:
+        raise ValueError(f"weight {name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected size "
+                         f"{size} along dim {dim}")
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's output rows split over TP ranks; ``output_sizes`` lists fused parts.
 
@@ -69,6 +76,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.input_size = input_size
+        self.full_sizes = list(output_sizes)
         self.shard_sizes = [_divide(s, tp.size, "output size") for s in output_sizes]
         out = sum(self.shard_sizes)
         self.weight = _param((out, input_size), dtype, device)  # [out / tp, in]
@@ -84,6 +92,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         offset, size, start = self.shard_range(shard_id)
+        _check_full(loaded, 0, self.full_sizes[shard_id], "column part")
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size), "column shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         super().__init__(hidden_size, [q * tp.size, kv * tp.size, kv * tp.size], bias, tp, dtype, device)
+        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
     def shard_range(self, shard_id: int) -> tuple[int, int, int]:
         offset, size, start = super().shard_range(shard_id)
@@ -126,6 +136,7 @@ class RowParallelLinear(nn.Module):
                  dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.tp = tp
+        self.input_size = input_size
         self.input_shard = _divide(input_size, tp.size, "input size")
         self.weight = _param((output_size, self.input_shard), dtype, device)  # [out, in / tp]
         self.bias = _param((output_size,), dtype, device) if bias else None
@@ -135,6 +146,7 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         start = self.tp.rank * self.input_shard
+        _check_full(loaded, 1, self.input_size, "row")
         _copy(param.data, loaded.narrow(1, start, self.input_shard), "row shard")
 
     def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -163,6 +175,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _check_full(loaded, 0, self.vocab_size, "vocab")
         rows = max(0, min(self.shard_rows, loaded.shape[0] - self.start))
         param.data[rows:].zero_()
         _copy(param.data[:rows], loaded[self.start:self.start + rows], "vocab shard")
