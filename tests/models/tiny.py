@@ -14,28 +14,30 @@ COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
 
-def tiny_config(family: str, tied: bool):
+def tiny_config(family: str, tied: bool, **overrides):
     import transformers as tf
 
+    common = {**COMMON, **overrides}
     if family == "llama3":  # llama3 RoPE scaling, low theta so every frequency band is exercised
-        return tf.LlamaConfig(**COMMON, tie_word_embeddings=tied, rope_parameters={
+        return tf.LlamaConfig(**common, tie_word_embeddings=tied, rope_parameters={
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     if family == "qwen2":
-        return tf.Qwen2Config(**COMMON, tie_word_embeddings=tied)
+        return tf.Qwen2Config(**common, tie_word_embeddings=tied)
     if family == "qwen3":
-        return tf.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=tied)
+        return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=tied)
     if family == "mistral":
-        return tf.MistralConfig(**COMMON, tie_word_embeddings=tied, sliding_window=None)
+        return tf.MistralConfig(**common, tie_word_embeddings=tied, sliding_window=None)
     raise ValueError(family)
 
 
-def save_tiny(family: str, folder, tied: bool = False, max_shard_size: str | None = None, seed: int = 0):
+def save_tiny(family: str, folder, tied: bool = False, max_shard_size: str | None = None, seed: int = 0,
+              **overrides):
     """Build a tiny HF model with every parameter randomized (biases and norms too), save it, return it."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tiny_config(family, tied)
+    config = tiny_config(family, tied, **overrides)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +60,8 @@ def run_ragged(lm, plans: dict[str, list[int]], tokens: dict[str, list[int]], pa
     """Run sequences through our model in steps. ``plans[rid]`` lists how many new tokens each step
     feeds (0 = idle that step). Returns per rid the logits of every fed token, [len, vocab]."""
     arch = lm.arch
-    pool = KVPool(num_pages, KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, PAGE_SIZE, "float32"))
+    kv_heads = lm.model.model.layers[0].self_attn.num_kv_heads  # this TP rank's
+    pool = KVPool(num_pages, KVLayout(arch.num_layers, kv_heads, arch.head_dim, PAGE_SIZE, "float32"))
     attn = TorchAttention(pool)
     fed = {rid: 0 for rid in plans}
     out: dict[str, list[torch.Tensor]] = {rid: [] for rid in plans}
