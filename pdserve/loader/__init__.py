@@ -61,7 +61,7 @@ def load_model(model_cfg: ModelConfig, device: torch.device | str, *, tp_rank: i
     start = time.perf_counter()
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg, device)
-    path = resolve_model_path(model_cfg.model_path, model_cfg.download_dir)
+    path = resolve_model_path(model_cfg.model_path, model_cfg.download_dir, model_cfg.revision)
     gguf_path = _gguf_file(path, model_cfg.load_format)
     if gguf_path is not None:
         config, weights, identity = _gguf_source(gguf_path, model_cfg, dtype, device)

@@ -38,7 +38,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
-_SKIPPED = {"rope_freqs.weight"}  # llama3 frequency factors: we recompute them from the config
+_SKIPPED = {"rope_freqs.weight"}  # llama3 frequency factors: read into the config's rope_scaling instead
 
 
 def open_gguf(path: str) -> GGUFFile:
@@ -85,7 +85,11 @@ def gguf_hf_config(reader: GGUFFile) -> dict[str, Any]:
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
     }
     scaling_type = meta("rope.scaling.type")
-    if scaling_type == "linear":
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:  # Llama 3.1-style: per-frequency divisors stored as a tensor
+        cfg["rope_scaling"] = {"rope_type": "freq_factors",
+                               "factors": dequantize(freqs, torch.float32).tolist()}
+    elif scaling_type == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise ValueError(f"--model-path: GGUF RoPE scaling {scaling_type!r} is not supported")

@@ -226,8 +226,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Neox-style (rotate-half) RoPE with a precomputed cos/sin cache indexed by position.
 
-    ``scaling``: None (default), ``linear`` (positions / factor) or ``llama3`` (per-frequency
-    wavelength-dependent scaling, as in Llama 3.1).
+    ``scaling``: None (default), ``linear`` (positions / factor), ``llama3`` (per-frequency
+    wavelength-dependent scaling, as in Llama 3.1) or ``freq_factors`` (a GGUF's rope_freqs tensor).
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
@@ -256,6 +256,8 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return inv_freq
+    if kind == "freq_factors":  # GGUF rope_freqs: llama.cpp divides each frequency by its factor
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor

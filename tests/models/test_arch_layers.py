@@ -105,3 +105,17 @@ def test_checkpoint_shape_mismatch_is_named():
     layer = RowParallelLinear(32, 16, False, TPInfo(), torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"checkpoint tensor has shape \(16, 30\), expected size 32"):
         layer.weight_loader(layer.weight, torch.randn(16, 30))
+
+
+def test_gguf_freq_factors_reproduce_llama3_scaling():
+    params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    plain = RotaryEmbedding(32, 100, 10000.0, None, "cpu")
+    llama3 = RotaryEmbedding(32, 100, 10000.0, params, "cpu")
+    inv_plain, inv_llama3 = torch.atan2(plain.sin[1], plain.cos[1]), torch.atan2(llama3.sin[1], llama3.cos[1])
+    factors = (inv_plain / inv_llama3).tolist()  # what llama.cpp stores as rope_freqs
+    arch = ModelArch.from_hf_config({**BASE, "architectures": ["LlamaForCausalLM"],
+                                     "rope_scaling": {"rope_type": "freq_factors", "factors": factors}})
+    gguf_style = RotaryEmbedding(32, 100, 10000.0, arch.rope_scaling_dict, "cpu")
+    torch.testing.assert_close(gguf_style.cos, llama3.cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gguf_style.sin, llama3.sin, atol=1e-5, rtol=1e-5)
