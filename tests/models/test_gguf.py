@@ -8,7 +8,7 @@ import torch
 from pdserve.config import ModelConfig
 from pdserve.loader import load_model
 from pdserve.tokenizer import IncrementalDetokenizer, load_tokenizer
-from tests.models.tiny import run_ragged
+from .tiny import run_ragged
 
 TEXTS = [
     "Hello world",

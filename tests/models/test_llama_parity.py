@@ -14,7 +14,7 @@ import torch
 
 from pdserve.config import ModelConfig
 from pdserve.loader import load_model
-from tests.models.tiny import hf_logits, run_ragged, save_tiny
+from .tiny import hf_logits, run_ragged, save_tiny
 
 CASES = [  # (family, tied embeddings, sharded safetensors)
     ("llama3", False, False),

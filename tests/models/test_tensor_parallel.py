@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pdserve.config import ModelConfig
 from pdserve.loader import load_model
-from tests.models.tiny import run_ragged, save_tiny
+from .tiny import run_ragged, save_tiny
 
 pytestmark = pytest.mark.slow
 
