@@ -113,16 +113,18 @@ class BenchConfig:
         return parse_concurrencies(self.max_concurrency)
 
 
-def build_requests(cfg: BenchConfig, vocab_size: int) -> list[BenchRequest]:
+def build_requests(cfg: BenchConfig, vocab_size: int, content_seed: int = 0) -> list[BenchRequest]:
+    """The prompts of one sweep point (content_seed = point number; 0 = warmup)."""
     as_text = cfg.endpoint == "chat"
     if cfg.dataset == "jsonl":
         return jsonl_requests(cfg.dataset_path, cfg.num_prompts, cfg.random_output_len, seed=cfg.seed)
     if cfg.dataset == "sharegpt-synthetic":
         return sharegpt_synthetic_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
-                                           vocab_size=vocab_size, seed=cfg.seed, as_text=as_text)
+                                           vocab_size=vocab_size, seed=cfg.seed, content_seed=content_seed,
+                                           as_text=as_text)
     return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
                            range_ratio=cfg.random_range_ratio, vocab_size=vocab_size, seed=cfg.seed,
-                           as_text=as_text)
+                           content_seed=content_seed, as_text=as_text)
 
 
 async def _probe(cfg: BenchConfig, base_url: str) -> tuple[str, object]:
@@ -149,16 +151,17 @@ async def bench(cfg: BenchConfig, on_server_done=None) -> tuple[dict[str, list[S
     servers = [(cfg.label, cfg.base_url)] + ([(cfg.compare_label, cfg.compare)] if cfg.compare else [])
     probes = [await _probe(cfg, url) for _, url in servers]
     vocab = cfg.vocab_size or server_stats.vocab_size(probes[0][1]) or DEFAULT_VOCAB_SIZE
-    requests = build_requests(cfg, vocab)
     points = sweep_points(cfg.rates, cfg.concurrencies)
+    warm = build_requests(cfg, vocab, content_seed=0)
+    per_point = [build_requests(cfg, vocab, content_seed=k + 1) for k in range(len(points))]
     by_label: dict[str, list[Summary]] = {}
     recs: dict[str, Recommendation | None] = {}
     for (label, url), (model, nodes) in zip(servers, probes):
         target = Target(label, url, model)
-        failed = await warmup(target, requests, cfg)
+        failed = await warmup(target, warm, cfg)
         print(f"[{label}] {url} model={model} roles={server_stats.role_counts(nodes) or '?'} "
               f"warmup failures={failed}", flush=True)
-        by_label[label] = await run_sweep(target, requests, points, cfg, slo, on_summary=_print_row)
+        by_label[label] = await run_sweep(target, per_point, points, cfg, slo, on_summary=_print_row)
         recs[label] = recommend(by_label[label], slo, server_stats.role_counts(nodes),
                                 cfg.chunked_prefill_size or server_stats.chunk_size(nodes) or DEFAULT_CHUNK_SIZE)
         if on_server_done is not None:

@@ -1,7 +1,10 @@
 """Benchmark prompts: random token ids, a ShareGPT-shaped synthetic length mix, or JSONL prompts.
 
 Every generator is seeded and returns ``BenchRequest``s; the same seed gives the same prompts, so
-a PD run and a colocated run see identical work.
+a PD run and a colocated run see identical work. Lengths come from ``seed`` alone and token
+contents from (``seed``, ``content_seed``): the sweep gives each point its own content_seed, so
+every point has the same length mix but fresh prompts (no prefix-cache hits from the point
+before, which would flatter TTFT).
 
 Random token ids are drawn from ``[SAFE_ID_LOW, 0.9 * vocab_size)``: special tokens sit at the
 very start of a vocabulary (SmolLM2: 0..16, Llama-2: 0..2) or at its end (Llama-3: 128000+,
@@ -78,17 +81,23 @@ def _text_prompts(rng: np.random.Generator, input_lens: np.ndarray,
     return out
 
 
+def _content_rng(seed: int, content_seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, content_seed, 0x5EED])
+
+
 def random_requests(num: int, input_len: int, output_len: int, *, range_ratio: float = 0.0,
-                    vocab_size: int = 32000, seed: int = 0, as_text: bool = False) -> list[BenchRequest]:
+                    vocab_size: int = 32000, seed: int = 0, content_seed: int = 0,
+                    as_text: bool = False) -> list[BenchRequest]:
     """``num`` prompts of random token ids (or word salad) with fixed or ranged lengths."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"--random-range-ratio: must be in [0, 1), got {range_ratio}")
     rng = np.random.default_rng(seed)
     input_lens = _lengths(rng, num, input_len, range_ratio)
     output_lens = _lengths(rng, num, output_len, range_ratio)
+    content = _content_rng(seed, content_seed)
     if as_text:
-        return _text_prompts(rng, input_lens, output_lens)
-    return _token_prompts(rng, input_lens, output_lens, vocab_size)
+        return _text_prompts(content, input_lens, output_lens)
+    return _token_prompts(content, input_lens, output_lens, vocab_size)
 
 
 def _lognormal_lengths(rng: np.random.Generator, n: int, median: int, sigma: float) -> np.ndarray:
@@ -97,7 +106,8 @@ def _lognormal_lengths(rng: np.random.Generator, n: int, median: int, sigma: flo
 
 
 def sharegpt_synthetic_requests(num: int, input_len: int, output_len: int, *, vocab_size: int = 32000,
-                                seed: int = 0, as_text: bool = False) -> list[BenchRequest]:
+                                seed: int = 0, content_seed: int = 0,
+                                as_text: bool = False) -> list[BenchRequest]:
     """ShareGPT-shaped mix: lognormal input/output lengths (median = the given lengths, long tail).
 
     The real ShareGPT set cannot be downloaded here; its length histogram is roughly lognormal
@@ -106,9 +116,10 @@ def sharegpt_synthetic_requests(num: int, input_len: int, output_len: int, *, vo
     rng = np.random.default_rng(seed)
     input_lens = _lognormal_lengths(rng, num, input_len, SHAREGPT_INPUT_SIGMA)
     output_lens = _lognormal_lengths(rng, num, output_len, SHAREGPT_OUTPUT_SIGMA)
+    content = _content_rng(seed, content_seed)
     if as_text:
-        return _text_prompts(rng, input_lens, output_lens)
-    return _token_prompts(rng, input_lens, output_lens, vocab_size)
+        return _text_prompts(content, input_lens, output_lens)
+    return _token_prompts(content, input_lens, output_lens, vocab_size)
 
 
 def _jsonl_request(line: str, lineno: int, default_output_len: int) -> BenchRequest:

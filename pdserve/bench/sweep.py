@@ -1,7 +1,8 @@
 """A sweep: every (request rate, max concurrency) point against one server, one run each.
 
-Each point sends the same prompts (same seed, same arrival schedule for the same rate), so two
-servers (``--compare``) and two points differ only in load. Per point it writes
+Every point sends the same length mix with its own fresh prompt contents (no prefix-cache hits
+carried over from the point before), on the same seeded arrival schedule for its rate; both
+servers (``--compare``) get exactly the same prompts at each point. Per point it writes
 ``<output-dir>/<label>_rate-<r>_conc-<c>.json`` with the summary and every request's raw timeline,
 and scrapes the server's ``/metrics`` before and after for the KV-transfer deltas.
 """
@@ -104,14 +105,15 @@ async def run_point(target: Target, requests: list[BenchRequest], point: SweepPo
                      summary=summary, requests=results)
 
 
-async def run_sweep(target: Target, requests: list[BenchRequest], points: list[SweepPoint],
+async def run_sweep(target: Target, point_requests: list[list[BenchRequest]], points: list[SweepPoint],
                     cfg: "BenchConfig", slo: SLO | None,
                     on_summary: Callable[[Summary], None] | None = None) -> list[Summary]:
-    """Run every point in order, writing each point's JSON as soon as it finishes."""
+    """Run every point in order (``point_requests[i]`` for ``points[i]``), writing each point's JSON
+    as soon as it finishes."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for point in points:
+    for point, requests in zip(points, point_requests, strict=True):
         record = await run_point(target, requests, point, cfg, slo)
         run_file(out_dir, target.label, point).write_bytes(msgspec.json.format(msgspec.json.encode(record)))
         summaries.append(record.summary)

@@ -41,6 +41,9 @@ def test_sweep_with_compare_writes_consistent_json_pngs_and_table(make_server, t
     ids = [t for body in pd.bodies for t in body["prompt"]]
     assert max(ids) < 900 and len(pd.bodies) == len(colocated.bodies) == 2 + 2 * 6
     assert [r.prompt_len for r in pd_rec.requests] == [r.prompt_len for r in co_rec.requests] == [16] * 6
+    # both servers got the same prompts; each point (and the warmup) fresh ones: no cache carry-over
+    assert [b["prompt"] for b in pd.bodies] == [b["prompt"] for b in colocated.bodies]
+    assert len({tuple(b["prompt"]) for b in pd.bodies}) == len(pd.bodies)
     assert all(r.output_tokens == 5 for r in pd_rec.requests)
     # /metrics was scraped (counter unchanged over the run: 0 GB moved), per-request KV figures kept
     assert pd_rec.summary.server == {"kv_transfer_gb": 0.0}

@@ -77,3 +77,13 @@ def test_jsonl_errors_name_the_flag_and_line(tmp_path, line):
     path.write_text('{"prompt": "ok"}\n' + line + "\n")
     with pytest.raises(ValueError, match="--dataset-path: line 2"):
         jsonl_requests(path, 2, default_output_len=4)
+
+
+def test_content_seed_changes_tokens_not_lengths():
+    a = sharegpt_synthetic_requests(30, 64, 16, seed=2, content_seed=1)
+    b = sharegpt_synthetic_requests(30, 64, 16, seed=2, content_seed=2)
+    assert [(r.prompt_len, r.output_len) for r in a] == [(r.prompt_len, r.output_len) for r in b]
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    c = random_requests(5, 32, 4, range_ratio=0.5, seed=2, content_seed=1)
+    d = random_requests(5, 32, 4, range_ratio=0.5, seed=2, content_seed=2)
+    assert [r.prompt_len for r in c] == [r.prompt_len for r in d] and c[0].prompt != d[0].prompt
