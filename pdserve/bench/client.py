@@ -107,9 +107,11 @@ class _StreamState:
         new_tokens = self._usage_delta(data)
         text = _chunk_text(data, self.endpoint)
         if text:
+            n = new_tokens + self.pending_tokens if self.has_per_chunk_usage else 1
+            if n == 0 and res.chunk_times_s:
+                return          # text with no new token (held-back bytes flushed): no gap (sglang)
             res.chunk_times_s.append(now - self.t0)
-            res.chunk_tokens.append(max(1, new_tokens + self.pending_tokens)
-                                    if self.has_per_chunk_usage else 1)
+            res.chunk_tokens.append(max(1, n))
             self.pending_tokens = 0
         elif new_tokens > 0 and data.get("choices"):
             self.pending_tokens += new_tokens   # tokens with no text yet (held-back bytes)

@@ -61,8 +61,8 @@ def test_run_load_paces_at_the_rate(make_server):
     results, duration = asyncio.run(go())
     assert all(r.success for r in results)
     starts = sorted(r.start_s for r in results)
-    assert starts[-1] == pytest.approx(1.0, abs=0.1)          # last arrival at n / rate = 1 s
-    assert 1.0 <= duration < 2.0
+    assert starts[-1] == pytest.approx(1.0, abs=0.25)         # last arrival at n / rate = 1 s
+    assert 1.0 <= duration < 3.0
 
 
 def test_max_concurrency_caps_requests_in_flight(make_server):

@@ -32,7 +32,7 @@ def test_sweep_with_compare_writes_consistent_json_pngs_and_table(make_server, t
     rc = main(["--base-url", pd.url, "--compare", colocated.url, "--label", "pd",
                "--compare-label", "colocated", "--request-rate", "40,inf", "--num-prompts", "6",
                "--random-input-len", "16", "--random-output-len", "5", "--warmup-requests", "2",
-               "--slo", "ttft=50,tpot=50", "--output-dir", str(out), "--disable-progress"])
+               "--slo", "ttft=20,tpot=50", "--output-dir", str(out), "--disable-progress"])
     assert rc == 0
     summary = check_output_dir(out, ["pd", "colocated"], 2)
     # prompts came from the /nodes vocabulary (ids below 0.9 x 1000), identical for both servers
@@ -42,17 +42,17 @@ def test_sweep_with_compare_writes_consistent_json_pngs_and_table(make_server, t
     assert max(ids) < 900 and len(pd.bodies) == len(colocated.bodies) == 2 + 2 * 6
     assert [r.prompt_len for r in pd_rec.requests] == [r.prompt_len for r in co_rec.requests] == [16] * 6
     # both servers got the same prompts; each point (and the warmup) fresh ones: no cache carry-over
-    assert [b["prompt"] for b in pd.bodies] == [b["prompt"] for b in colocated.bodies]
+    assert sorted(b["prompt"] for b in pd.bodies) == sorted(b["prompt"] for b in colocated.bodies)
     assert len({tuple(b["prompt"]) for b in pd.bodies}) == len(pd.bodies)
     assert all(r.output_tokens == 5 for r in pd_rec.requests)
     # /metrics was scraped (counter unchanged over the run: 0 GB moved), per-request KV figures kept
     assert pd_rec.summary.server == {"kv_transfer_gb": 0.0}
     assert pd_rec.summary.kv.requests == 6 and pd_rec.summary.kv.mean_kv_bytes == 16 * 1024
     assert co_rec.summary.server == {}
-    pd_rec_text = summary["recommendations"]["pd"]["reasons"]
+    pd_rec_text = summary["recommendations"]["pd"]["reasons"]   # every prefill takes >= 26 ms > 20
     assert any("P:D 1:2 ->" in r for r in pd_rec_text)               # the layout came from /nodes
     assert summary["recommendations"]["pd"]["chunk_size"] in (128, 256)  # /nodes: chunk 256
-    assert summary["config"]["slo"] == "ttft=50,tpot=50"
+    assert summary["config"]["slo"] == "ttft=20,tpot=50"
     printed = capsys.readouterr().out
     assert "pdserve bench" in printed and "[pd] recommendation" in printed
     assert "compare at rate" in printed

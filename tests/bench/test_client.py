@@ -42,8 +42,9 @@ def test_completion_timeline(make_server):
     r = _send(endpoint_url(server.url, "completions"), _completion(out=6))
     assert r.success, r.error
     assert r.output_tokens == 6 and len(r.chunk_times_s) == 6
-    assert 0.08 <= r.ttft_s < 0.3
-    assert all(0.015 <= g < 0.2 for g in request_itls(r))
+    assert 0.08 <= r.ttft_s < 2.0
+    assert r.e2e_s - r.ttft_s >= 5 * 0.02 * 0.9          # the server slept 20 ms before each later token
+    assert len(request_itls(r)) == 5
     assert request_tpot(r) == pytest.approx((r.e2e_s - r.ttft_s) / 5)
     assert r.prompt_len == 3                       # from usage.prompt_tokens
     assert (r.kv_bytes, r.transfer_ms) == (3 * 1024, 0.5)
