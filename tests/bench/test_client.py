@@ -95,3 +95,18 @@ def test_first_model(sse_server):
         async with make_client(2, 5.0) as client:
             return await first_model(client, sse_server.url, {})
     assert asyncio.run(go()) == "scripted-model"
+
+
+def test_stream_state_folds_usage_deltas():
+    """Per-chunk usage: multi-token chunks, a token with no text yet, a flush with no new token."""
+    from pdserve.bench.client import _StreamState
+    r = RequestResult(index=0, prompt_len=1, max_tokens=6)
+    st = _StreamState(r, "completions", t0=0.0)
+    events = [({"text": "a"}, 1), ({"text": ""}, 2), ({"text": "bc"}, 4), ({"text": "!"}, 4), ({"text": "d"}, 6)]
+    for t, (choice, total) in enumerate(events, start=1):
+        st.on_event({"choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": total}}, t * 0.1)
+    st.on_event({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 6}}, 0.7)
+    st.finish()
+    assert r.success and r.output_tokens == 6
+    assert r.chunk_tokens == [1, 3, 2]                     # the empty chunk's token joins the next one
+    assert r.chunk_times_s == pytest.approx([0.1, 0.3, 0.5])
