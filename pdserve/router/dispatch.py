@@ -9,7 +9,7 @@ Before the first token nothing has reached the client, so failures are retried o
 invisibly, up to ``--max-prefill-retries`` times: a ``PrefillStatus(ok=False)``, the prefill node
 leaving the registry before its KV arrived, the decode node leaving, a node refusing the send, or
 a server-side error (5xx) reported by the decode node. The failed node is excluded from the next
-pick and the abandoned attempt is aborted on every node it touched. After the first token, the
+pick (unless no other node is left) and the abandoned attempt is aborted on every node it touched. After the first token, the
 decode node leaving or reporting an error ends the choice with an ``APIError`` (the stream carries
 it as an error event). Whenever an attempt ends unfinished (error, client gone, stop string hit,
 timeout) ``AbortReq`` goes to its nodes so their KV pages are freed at once.
@@ -48,7 +48,9 @@ async def generate(router: "Router", choice_rid: str, input_ids: list[int], samp
     last: RetryableFailure | None = None
     num_attempts = router.config.max_prefill_retries + 1
     for attempt_no in range(num_attempts):
-        target = router.pick(input_ids, excluded)
+        # Nodes that failed this choice are avoided while others exist, then tried again (a failure
+        # may be transient); the attempt bound keeps this finite.
+        target = router.pick(input_ids, excluded) or (router.pick(input_ids, set()) if excluded else None)
         if target is None:
             break
         attempt = Attempt(router, f"{choice_rid}-{attempt_no}", target, input_ids, sampling, deadline)

@@ -200,6 +200,15 @@ def test_all_prefills_failing_is_503_after_bounded_retries(cluster_factory):
     assert sum(len(c.nodes[n].messages(PrefillReq)) for n in ("p0", "p1", "p2")) == 2
 
 
+def test_a_lone_prefill_node_is_retried_after_a_transient_failure(cluster_factory):
+    c = cluster_factory(prefill_modes={"p0": "fail"}, max_prefill_retries=2)
+    resp = c.http.post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 503
+    assert len(c.nodes["p0"].messages(PrefillReq)) == 3      # every attempt, as no other node exists
+    c.nodes["p0"].prefill_mode = "ok"
+    assert c.http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
 def test_prefill_node_dying_before_first_token_fails_over(cluster_factory):
     c = cluster_factory(prefill=("p0", "p1"), prefill_modes={"p0": "hang"}, policy="round_robin")
     result = {}
