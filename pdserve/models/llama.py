@@ -115,6 +115,11 @@ class LlamaForCausalLM(nn.Module):
         shared = self.model.embed_tokens.weight if arch.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, self.tp, dtype, device, shared=shared)
 
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this TP rank stores (num_kv_heads / tp, or 1 when KV heads are replicated)."""
+        return self.model.layers[0].self_attn.num_kv_heads
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:

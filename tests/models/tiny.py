@@ -60,7 +60,7 @@ def run_ragged(lm, plans: dict[str, list[int]], tokens: dict[str, list[int]], pa
     """Run sequences through our model in steps. ``plans[rid]`` lists how many new tokens each step
     feeds (0 = idle that step). Returns per rid the logits of every fed token, [len, vocab]."""
     arch = lm.arch
-    kv_heads = lm.model.model.layers[0].self_attn.num_kv_heads  # this TP rank's
+    kv_heads = lm.model.num_local_kv_heads  # this TP rank's
     pool = KVPool(num_pages, KVLayout(arch.num_layers, kv_heads, arch.head_dim, PAGE_SIZE, "float32"))
     attn = TorchAttention(pool)
     fed = {rid: 0 for rid in plans}
