@@ -134,8 +134,8 @@ class Launcher:
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[(slot * per_node + k) % len(devices)]
                                                        for k in range(per_node))
-            self._spawn(f"{role}-{index}", [command, *self._node_argv(model_path), "--node-id", f"{role}-{index}"], env)
-        self._spawn("router", ["router", *self._router_argv(model_path)], dict(os.environ))
+            self._spawn(f"{role}-{index}", [command, *self.node_argv(model_path), "--node-id", f"{role}-{index}"], env)
+        self._spawn("router", ["router", *self.router_argv(model_path)], dict(os.environ))
         self._write_process_table()
         say(f"started {len(roles)} node(s) and the router; logs in {self.log_dir}")
 
@@ -145,12 +145,12 @@ class Launcher:
         m = self.engine.model
         return resolve_model_path(m.model_path, m.download_dir, m.revision)
 
-    def _node_argv(self, model_path: str) -> list[str]:
+    def node_argv(self, model_path: str) -> list[str]:
         engine = dataclasses.replace(self.engine, model=dataclasses.replace(self.engine.model, model_path=model_path))
         return [*config_argv(engine), *config_argv(self.transfer), *config_argv(self.node_cfg, skip=PER_NODE_FIELDS),
                 "--registry-url", self.registry_url, "--host", self.node_host, "--log-level", self.log_level]
 
-    def _router_argv(self, model_path: str) -> list[str]:
+    def router_argv(self, model_path: str) -> list[str]:
         from pdserve.router.server import default_served_name
         router = dataclasses.replace(self.router_cfg, registry_url=self.registry_url,
                                      served_model_name=self.router_cfg.served_model_name
@@ -252,27 +252,34 @@ def say(message: str) -> None:
 def run_demo(url: str, model: str, api_key: str | None, question: str, max_tokens: int) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "none")
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=max_tokens)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0)
+    try:
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=max_tokens)
+    except openai.APIError as exc:   # the demo failing is worth seeing, not worth stopping the server for
+        say(f"demo request failed: {exc}")
+        return
     print(f"Q: {question}\nA: {reply.choices[0].message.content}", flush=True)
+
+
+def launcher_from_args(args: argparse.Namespace) -> "Launcher":
+    """Build every config from the parsed flags (ValueError naming the flag when one is invalid)."""
+    values = {k: v for k, v in vars(args).items() if k != "log_level"}
+    launch = config_from_args(LaunchConfig, values)
+    if launch.colocated and ("prefill" in values or "decode" in values):
+        raise ValueError("--colocated: start either colocated nodes or prefill/decode nodes, not both")
+    return Launcher(launch, config_from_args(RouterConfig, values), config_from_args(EngineConfig, values),
+                    config_from_args(TransferConfig, values), config_from_args(NodeConfig, values), args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "log_level"}
     try:
-        launch = config_from_args(LaunchConfig, values)
-        if launch.colocated and ("prefill" in values or "decode" in values):
-            raise ValueError("--colocated: start either colocated nodes or prefill/decode nodes, not both")
-        router = config_from_args(RouterConfig, values)
-        engine = config_from_args(EngineConfig, values)
-        transfer = config_from_args(TransferConfig, values)
-        node = config_from_args(NodeConfig, values)
+        launcher = launcher_from_args(args)
     except ValueError as exc:
         parser.exit(2, f"pdserve up: error: {exc}\n")
-    launcher = Launcher(launch, router, engine, transfer, node, args.log_level)
+    router = launcher.router_cfg
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return _serve(launcher, router)

@@ -15,6 +15,15 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_module():
+    """One redis-server for a whole test module (tests that only read from an empty registry)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real SmolLM2 tokenizer (GGUF metadata; pulled on first use like `pdserve model pull`)."""

@@ -25,10 +25,10 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
     return err
 
 
-@pytest.fixture
-def no_nodes(tokenizer, redis_server):
+@pytest.fixture(scope="module")
+def no_nodes(tokenizer, redis_module):
     """A router whose registry is empty."""
-    harness = RouterHarness(make_router(tokenizer, redis_server.url, api_key="sekret",
+    harness = RouterHarness(make_router(tokenizer, redis_module.url, api_key="sekret",
                                         max_request_bytes=4096)).start()
     client = httpx.Client(base_url=harness.url, headers={"Authorization": "Bearer sekret"}, timeout=10)
     yield client
