@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from pdserve.protocol import GenerateReq
+from pdserve.router.loopback import ScriptNode, TransferBoard
 
-from .script_nodes import ScriptNode, TransferBoard
 from .util import RouterHarness, make_router
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

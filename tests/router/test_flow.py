@@ -1,6 +1,6 @@
 """The request path through scripted nodes: output shapes, stop handling, failover, aborts.
 
-The nodes here are ``ScriptNode``s (real sockets, real registry, scripted tokens), so faults can
+The nodes here are loopback ``ScriptNode``s (real sockets, real registry, scripted tokens), so faults can
 be injected precisely; the same behaviours against real model nodes are in test_e2e_up.py.
 """
 
@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from pdserve.protocol import AbortReq, GenerateReq, PrefillReq
+from pdserve.router.loopback import ScriptNode, TransferBoard
 
-from .script_nodes import ScriptNode, TransferBoard
 from .util import RouterHarness, make_router, sse_events
 
 ANSWER = "The capital of France is Paris."
@@ -242,8 +242,9 @@ def test_decode_node_dying_mid_stream_ends_with_error_event(cluster_factory):
 
 
 def test_client_disconnect_aborts_on_both_nodes(cluster_factory):
-    c = cluster_factory(token_delay_s=0.1)
-    with c.http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+    c = cluster_factory(token_delay_s=0.05)
+    long = {**CHAT, "ignore_eos": True, "max_tokens": 200}      # 10 s of tokens unless aborted
+    with c.http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as resp:
         wait_for_content(resp.iter_lines())
         assert not c.nodes["d0"].messages(AbortReq)
     # Stream closed by the client mid-generation.
@@ -256,7 +257,7 @@ def test_client_disconnect_aborts_on_both_nodes(cluster_factory):
     assert rid in {m.rid for m in c.nodes["p0"].messages(AbortReq)}
     # Non-streaming too: the client gives up waiting.
     with pytest.raises(httpx.ReadTimeout):
-        c.http.post("/v1/chat/completions", json=CHAT, timeout=0.3)
+        c.http.post("/v1/chat/completions", json=long, timeout=0.5)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and c.nodes["d0"].active:
         time.sleep(0.02)

@@ -1,11 +1,13 @@
-"""Scripted nodes for router tests: the real wire protocol and the real registry, no model.
+"""Loopback nodes: the real wire protocol and the real registry, a token script instead of a model.
 
 A ``ScriptNode`` binds a real ZMQ PULL socket, registers a real ``NodeInfo`` through
-``NodeRegistrar`` into a real redis-server, and answers ``GenerateReq`` / ``PrefillReq`` /
-``AbortReq`` exactly as the protocol says, but its "model" is a token script, so tests can inject
-the faults the router must survive (a prefill that fails, hangs or dies; a decode node that dies
-mid-stream) in milliseconds, on two cores. The PD handshake between a scripted prefill and
-decode node is a shared in-process ``TransferBoard`` (the real one is the NIXL bootstrap).
+``NodeRegistrar`` and answers ``GenerateReq`` / ``PrefillReq`` / ``AbortReq`` exactly as the
+protocol says, but its "model" replays ``reply_ids``. Two uses: measuring the router alone (its
+added latency and request rate, with nodes that cost nothing; see ``overhead_bench``), and tests
+that inject the faults the router must survive (a prefill that fails, hangs or dies; a decode
+node that dies mid-stream) in milliseconds. The PD handshake between a loopback prefill and
+decode node is a shared in-process ``TransferBoard`` (the real one is the NIXL bootstrap), so
+both must live in one process.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from pdserve.protocol import (AbortReq, GenerateReq, NodeInfo, PrefillReq, PrefillStatus, TokenLogprob, TokenOut,
-                              decode_node_message, encode)
+from pdserve.protocol import (AbortReq, GenerateReq, LoadReport, NodeInfo, PrefillReq, PrefillStatus, TokenLogprob,
+                              TokenOut, decode_node_message, encode)
 from pdserve.registry import NodeRegistrar
-
-from .util import make_load
 
 
 class TransferBoard:
@@ -113,7 +113,8 @@ class ScriptNode:
     def _load(self):
         with self._lock:
             n = len(self.active)
-        return make_load(self.node_id, running=n, free_pages=self.total_pages - n, total_pages=self.total_pages)
+        return LoadReport(node_id=self.node_id, waiting=0, running=n, free_pages=self.total_pages - n,
+                          total_pages=self.total_pages, timestamp=time.time())
 
     def _send(self, reply_to: str, msg) -> None:
         sock = self._push.get(reply_to)
