@@ -25,6 +25,7 @@ class ColocatedNode(NodeBase):
     def __init__(self, cfg, runner=None) -> None:
         super().__init__(cfg, runner)
         self.core = EngineCore(cfg.engine, self.runner)
+        self.kv = self.core.kv
         self.reply_to: dict[str, str] = {}
 
     def handle(self, msg: NodeMessage) -> None:

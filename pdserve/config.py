@@ -58,10 +58,14 @@ class ModelConfig:
     download_dir: str | None = opt(None, "Where models are cached; defaults to ~/.cache/pdserve.")
     device: str = opt("auto", "Device to run on.", choices=("auto", "cpu", "cuda"))
     random_seed: int = opt(0, "Seed for dummy weights and for requests without a seed.")
+    cpu_threads: int | None = opt(None, "torch intra-op threads (CPU); give each node its share of the "
+                                  "cores when several share a machine. Default: torch's choice.")
 
     def __post_init__(self) -> None:
         _check_choices(self)
         _check(bool(self.model_path), "--model-path", "must not be empty")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads",
+               f"must be >= 1, got {self.cpu_threads}")
         _check(self.context_length is None or self.context_length > 0, "--context-length",
                f"must be positive, got {self.context_length}")
 

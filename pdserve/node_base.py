@@ -20,7 +20,9 @@ import msgspec
 import zmq
 
 from pdserve.config import ServerConfig, add_config_args, config_from_args
-from pdserve.protocol import LoadReport, NodeInfo, NodeMessage, decode_node_message, encode
+from pdserve.protocol import (LoadReport, NodeInfo, NodeMessage, NodeStats, StatsReq, decode_node_message,
+                              encode)
+from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,18 @@ class NodeBase:
     def tick(self) -> bool:
         raise NotImplementedError
 
+    kv: KVManager  # set by each role: the page tables of its engine
+
     def load(self) -> dict:
         raise NotImplementedError
 
     def bootstrap_endpoint(self) -> str | None:
         return None
+
+    def cached_pages(self) -> int:
+        """Pages held only by the prefix cache (free pages + these = an idle node's whole pool)."""
+        cache = self.kv.cache
+        return cache.num_pages if cache is not None else 0
 
     # -- shared -------------------------------------------------------------------------------
     def send(self, reply_to: str, msg: msgspec.Struct) -> None:
@@ -97,7 +106,11 @@ class NodeBase:
             except msgspec.DecodeError as exc:
                 log.warning("dropping undecodable message: %s", exc)
                 continue
-            self.handle(msg)
+            if isinstance(msg, StatsReq):
+                self.send(msg.reply_to, NodeStats(node_id=self.node_id, role=self.role,
+                                                  cached_pages=self.cached_pages(), **self.load()))
+            else:
+                self.handle(msg)
 
     def serve_forever(self) -> None:
         registrar = self._start_registrar()

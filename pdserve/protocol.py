@@ -77,8 +77,23 @@ class FirstToken(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
 
 
-NodeMessage = GenerateReq | PrefillReq | AbortReq
-RouterMessage = TokenOut | PrefillStatus
+class StatsReq(msgspec.Struct, tag="stats", kw_only=True):
+    """Ask a node for its current load (tests, tools); answered with ``NodeStats`` to reply_to."""
+    reply_to: str
+
+
+class NodeStats(msgspec.Struct, tag="node_stats", kw_only=True):
+    node_id: str
+    role: str
+    waiting: int
+    running: int
+    free_pages: int
+    total_pages: int
+    cached_pages: int = 0
+
+
+NodeMessage = GenerateReq | PrefillReq | AbortReq | StatsReq
+RouterMessage = TokenOut | PrefillStatus | NodeStats
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):

@@ -75,6 +75,8 @@ class PrefillNode(NodeBase):
             job.dst_pages = early[1]
         self.jobs[msg.transfer_id] = job
         self.sched.add(job)
+        log.debug("prefill %s: %d tokens queued (dest %s)", msg.rid, len(msg.input_ids),
+                  "known" if job.dst_pages is not None else "pending")
 
     # -- work ---------------------------------------------------------------------------------
     def tick(self) -> bool:
@@ -89,6 +91,7 @@ class PrefillNode(NodeBase):
                     self._drop(job, ok=False, error=f"prefill failed: {exc}")
                 return True
             self.sched.commit(step, jobs, sampled)
+            log.debug("step: %s", [(j.rid, s.num_new_tokens) for j, s in zip(jobs, step.seqs)])
             for job in jobs:
                 self._push_ready_pages(job)
         self._check_sending()
@@ -108,6 +111,7 @@ class PrefillNode(NodeBase):
         now = time.monotonic()
         for ev in self.sender.poll():
             job = self.jobs.get(ev.transfer_id)
+            log.debug("transfer event %s", ev)
             if isinstance(ev, DestReady):
                 if job is None:
                     self.early_dests[ev.transfer_id] = (now, list(ev.dst_page_ids))
@@ -123,10 +127,12 @@ class PrefillNode(NodeBase):
     def _push_ready_pages(self, job: PrefillJob) -> None:
         if job.dst_pages is None or job.finish_called:
             return
-        if len(job.dst_pages) != job.num_prompt_pages:
-            self._drop(job, ok=False, error=f"decode node offered {len(job.dst_pages)} pages, "
-                                            f"prompt needs {job.num_prompt_pages}")
+        needed = pages_for(len(job.req.prompt_ids), self.kv.page_size)
+        if len(job.dst_pages) != needed:
+            self._drop(job, ok=False, error=f"decode node offered {len(job.dst_pages)} pages, prompt needs {needed}")
             return
+        if not job.req.page_ids:
+            return  # still queued here: pages are written once it is admitted and computed
         ready = job.pages_ready(self.kv.page_size)
         if ready > job.pages_sent:
             self.sender.write(job.transfer_id, job.req.page_ids[job.pages_sent:ready], job.pages_sent)

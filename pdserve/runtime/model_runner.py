@@ -71,12 +71,14 @@ class ModelRunner:
         self.cfg = cfg
         self.device = resolve_device(cfg.model.device)
         torch.manual_seed(cfg.model.random_seed)
+        if cfg.model.cpu_threads is not None:
+            torch.set_num_threads(cfg.model.cpu_threads)
         self.loaded = load_model(cfg.model, self.device)
         self.model = self.loaded.model
         arch = self.loaded.arch
         self.context_length = self.loaded.context_length
         self.vocab_size = arch.vocab_size
-        self.layout = KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads // cfg.parallel.tp,
+        self.layout = KVLayout(num_layers=arch.num_layers, num_kv_heads=self.model.num_local_kv_heads,
                                head_dim=arch.head_dim, page_size=cfg.cache.page_size,
                                dtype=str(self.loaded.dtype).removeprefix("torch."))
         num_pages = pool_pages(cfg.cache, self.layout, self.device, self.context_length)

@@ -107,11 +107,44 @@ def device_id_of(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+# NIXL's progress thread spins without pause (its Python API fixes pthrDelay at 0): one core
+# gone per process. Beside a GPU that buys latency; on a 2-core CPU box it starves the model,
+# so there the thread sleeps this long between progress calls (measured: ~3% of a core).
+CPU_PROGRESS_DELAY_US = 1000
+
+
+def _make_agent(api: ModuleType, name: str, conf: Any, progress_delay_us: int) -> Any:
+    """``api.nixl_agent(name, conf)`` with the progress thread's delay set to ``progress_delay_us``.
+
+    The Python wrapper writes ``pthrDelay = 0`` into the binding's config object; for the length
+    of the constructor the binding's config class is swapped for a subclass whose ``pthrDelay``
+    setter keeps our value instead.
+    """
+    base = api.nixlBind.nixlAgentConfig
+    if progress_delay_us <= 0 or not hasattr(base, "pthrDelay"):
+        return api.nixl_agent(name, conf)
+
+    class _DelayedConfig(base):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:
+            return base.pthrDelay.__get__(self)
+
+        @pthrDelay.setter
+        def pthrDelay(self, _value: int) -> None:
+            base.pthrDelay.__set__(self, progress_delay_us)
+
+    api.nixlBind.nixlAgentConfig = _DelayedConfig
+    try:
+        return api.nixl_agent(name, conf)
+    finally:
+        api.nixlBind.nixlAgentConfig = base
+
+
 class NixlAgent:
     """A NIXL agent owning one registered KV buffer, paged into ``page_nbytes`` pages."""
 
     def __init__(self, name: str, buffer: torch.Tensor, page_nbytes: int, *,
-                 capture_telemetry: bool = False) -> None:
+                 capture_telemetry: bool = False, progress_delay_us: int | None = None) -> None:
         if not buffer.is_contiguous():
             raise ValueError("the KV pool buffer must be contiguous to be registered")
         nbytes = buffer.numel() * buffer.element_size()
@@ -130,7 +163,9 @@ class NixlAgent:
         except TypeError:   # NIXL releases before telemetry
             conf, self.capture_telemetry = api.nixl_agent_config(backends=["UCX"]), False
         self._errors = _binding_errors(api)
-        self._agent = api.nixl_agent(name, conf)
+        if progress_delay_us is None:
+            progress_delay_us = 0 if buffer.device.type == "cuda" else CPU_PROGRESS_DELAY_US
+        self._agent = _make_agent(api, name, conf, progress_delay_us)
         if "UCX" not in self._agent.backends:
             raise RuntimeError(f"NIXL has no UCX backend here (plugins: {self._agent.plugin_list})")
         self._reg = self._agent.register_memory(buffer)

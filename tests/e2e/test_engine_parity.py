@@ -8,13 +8,9 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-LENGTHS = [5, 17, 64, 100, 250, 513, 800, 1200]
-NEW_TOKENS = 8
-CHUNK = 128
+from tests.parity_cases import PARITY_LENGTHS as LENGTHS, PARITY_NEW_TOKENS as NEW_TOKENS
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-        "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "
-        "Books became cheaper, literacy spread, and ideas travelled faster than ever before. ")
+CHUNK = 128
 
 
 @pytest.fixture(scope="module")
@@ -25,28 +21,13 @@ def engine(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def prompts(engine):
-    ids = engine.tokenizer.encode(TEXT * 40)
-    out = []
-    for i, n in enumerate(LENGTHS):
-        start = (i * 37) % 200
-        out.append(ids[start:start + n])
-    assert [len(p) for p in out] == LENGTHS
-    return out
+def prompts(parity_prompts):
+    return parity_prompts
 
 
 @pytest.fixture(scope="module")
-def expected(hf_smollm2, prompts):
-    results = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = hf_smollm2.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                                      return_dict_in_generate=True, pad_token_id=0)
-        tokens = out.sequences[0, len(p):].tolist()
-        lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-        results.append((tokens, lps))
-    return results
+def expected(parity_expected):
+    return parity_expected
 
 
 def run_staggered(engine, prompts):
