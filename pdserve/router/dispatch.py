@@ -137,10 +137,12 @@ class Attempt:
             raise RetryableFailure(node.node_id, "send_failed", str(exc)) from None
 
     async def _next(self):
-        timeout = self.deadline - asyncio.get_running_loop().time()
+        if not self.queue.empty():          # the common case mid-stream: no timer, no await
+            return self.queue.get_nowait()
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout=max(timeout, 0.0))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout_at(self.deadline):
+                return await self.queue.get()
+        except TimeoutError:
             raise APIError(504, f"request timed out after {self.router.config.request_timeout_s:g}s",
                            code="timeout") from None
 

@@ -125,7 +125,8 @@ class ScriptNode:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._pull.poll(2):
+            is_busy = bool(self.active) and self.token_delay_s == 0
+            if self._pull.poll(0 if is_busy else 2):
                 while True:
                     try:
                         msg = decode_node_message(self._pull.recv(zmq.NOBLOCK))
@@ -142,7 +143,8 @@ class ScriptNode:
                 self.active.pop(msg.rid, None)
         elif isinstance(msg, PrefillReq):
             if self.prefill_mode == "ok":
-                self.board.complete(msg.transfer_id)
+                if self.board is not None:
+                    self.board.complete(msg.transfer_id)
                 self._send(msg.reply_to, PrefillStatus(rid=msg.rid, transfer_id=msg.transfer_id, ok=True,
                                                        kv_bytes=len(msg.input_ids) * 1000, transfer_ms=2.0))
             elif self.prefill_mode == "fail":
@@ -170,8 +172,8 @@ class ScriptNode:
             gens = list(self.active.values())
         for gen in gens:
             req = gen.req
-            if req.transfer_id is not None and not self.board.is_done(req.transfer_id):
-                continue
+            if req.transfer_id is not None and self.board is not None and not self.board.is_done(req.transfer_id):
+                continue   # without a board (nodes in separate processes) the prefill counts as instant
             if now < gen.next_at:
                 continue
             gen.next_at = now + self.token_delay_s
@@ -196,3 +198,38 @@ class ScriptNode:
             with self._lock:
                 self.active.pop(req.rid, None)
         self._send(req.reply_to, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pdserve.router.loopback --registry-url URL --role decode --count 2``: loopback nodes
+    in this process until SIGTERM (for router benchmarks; no handshake board across processes)."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m pdserve.router.loopback")
+    parser.add_argument("--registry-url", required=True)
+    parser.add_argument("--role", choices=["prefill", "decode", "colocated"], required=True)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--reply-ids", default="504,3575,282,4649,314,7042,30", help="Comma-separated token ids.")
+    parser.add_argument("--eos-id", type=int, default=2)
+    parser.add_argument("--token-delay-s", type=float, default=0.0)
+    parser.add_argument("--name-prefix", default="loop")
+    args = parser.parse_args(argv)
+    reply = [int(t) for t in args.reply_ids.split(",") if t]
+    nodes = [ScriptNode(args.registry_url, f"{args.name_prefix}-{args.role}-{i}", args.role, reply, eos_id=args.eos_id,
+                        token_delay_s=args.token_delay_s, ttl_s=3.0, total_pages=4096).start()
+             for i in range(args.count)]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("READY", flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    for node in nodes:
+        node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import msgspec
 
 from pdserve.router.output import LogprobEntry
 
@@ -50,7 +50,7 @@ class ResponseShape:
 
 
 def sse(body: dict) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -53,9 +53,14 @@ def build_router(cfg: RouterConfig, model: ModelConfig) -> Router:
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket, bound before uvicorn starts (so a busy port fails loudly and early)."""
+    """The HTTP listening socket, bound before uvicorn starts (so a busy port fails loudly and early).
+
+    ``IPPROTO_TCP`` must be explicit: asyncio disables Nagle (TCP_NODELAY) only on sockets whose
+    ``proto`` says TCP, and without it every response written in two parts waits ~40 ms for the
+    client's delayed ACK on a kept-alive connection (measured: /health 48 ms instead of 1 ms).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

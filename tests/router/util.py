@@ -27,7 +27,6 @@ class RouterHarness:
     """The real router app served by uvicorn on a free loopback port, in a background thread."""
 
     def __init__(self, router) -> None:
-        import socket
         import threading
 
         import uvicorn
@@ -35,9 +34,9 @@ class RouterHarness:
         from pdserve.router.app import create_app
 
         self.router = router
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(128)
+        from pdserve.router.server import bound_socket
+
+        self._sock = bound_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(create_app(router), log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
