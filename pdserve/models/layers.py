@@ -208,6 +208,8 @@ class RMSNorm(nn.Module):
         self.weight = _param((size,), dtype, device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            return self._forward_triton(x, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -216,9 +218,23 @@ class RMSNorm(nn.Module):
         out = self.weight * normed.to(x.dtype)
         return out if residual is None else (out, residual)
 
+    def _forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """The fused Triton kernels (same roundings as above); any leading dims, e.g. [T, heads, D]."""
+        from pdserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [rows, size]
+        if residual is None:
+            return rmsnorm(x2, self.weight, self.eps).view(shape)
+        out, new_residual = fused_add_rmsnorm(x2, residual.reshape(-1, shape[-1]), self.weight, self.eps)
+        return out.view(shape), new_residual.view(shape)
+
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] (gate | up) -> [T, I] = silu(gate) * up."""
+    if x.is_cuda:
+        from pdserve.kernels.activation import silu_and_mul as silu_and_mul_triton
+        return silu_and_mul_triton(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -239,9 +255,17 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
         self.register_buffer("cos", freqs.cos().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+        self.cos_sin = None  # [max_positions, D] fp32 = cat(cos, sin), for the Triton kernel on CUDA
+        if torch.device(device).type == "cuda":
+            self.cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same shapes and dtype)."""
+        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same shapes and dtype).
+
+        On CUDA the Triton kernel rotates q and k in place (fp32 math, as below) and returns them."""
+        if q.is_cuda and self.cos_sin is not None:
+            from pdserve.kernels.rotary import apply_rotary
+            return apply_rotary(q, k, positions, self.cos_sin)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D / 2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -49,8 +49,15 @@ def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, conte
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         frac = cache.mem_fraction_static or GPU_DEFAULT_MEM_FRACTION
-        budget = total * frac - (total - free)  # what is already used (weights, other tenants) comes off
+        used = total - free  # weights, other tenants
+        budget = total * frac - used
         flag = "--mem-fraction-static"
+        if budget < layout.page_nbytes * -(-context_length // layout.page_size):
+            raise ValueError(f"{flag}: {frac} of {total / 2**30:.1f} GiB leaves {max(budget, 0) / 2**30:.2f} GiB for "
+                             f"the KV cache after {used / 2**30:.1f} GiB already in use (weights, other processes); "
+                             f"one full context ({context_length} tokens) needs "
+                             f"{layout.page_nbytes * -(-context_length // layout.page_size) / 2**30:.2f} GiB: raise it, "
+                             f"lower --context-length, or use a GPU with more free memory")
     else:
         frac = cache.mem_fraction_static or CPU_DEFAULT_MEM_FRACTION
         budget = _available_ram_bytes() * frac
@@ -64,11 +71,46 @@ def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, conte
     return num_pages
 
 
+def check_kernel_flags(cfg: EngineConfig) -> None:
+    """Flags the config tree accepts but this engine cannot honour: a clear error, never silence."""
+    if cfg.kernel.enable_torch_compile:
+        raise ValueError("--enable-torch-compile is not supported yet (decode runs under CUDA graphs instead); "
+                         "drop the flag")
+    if cfg.cache.kv_cache_dtype != "auto":
+        raise ValueError(f"--kv-cache-dtype {cfg.cache.kv_cache_dtype} is not supported yet (the KV cache uses "
+                         f"the model dtype); use auto")
+    base = cfg.kernel.attention_backend
+    for flag, value in (("--prefill-attention-backend", cfg.kernel.prefill_attention_backend),
+                        ("--decode-attention-backend", cfg.kernel.decode_attention_backend)):
+        if value is not None and value != base:
+            raise ValueError(f"{flag} {value}: separate prefill/decode backends are not supported yet; "
+                             f"set --attention-backend instead")
+
+
+def resolve_attention_backend(cfg: EngineConfig, device: torch.device) -> str:
+    backend = cfg.kernel.attention_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def attention_options(cfg: EngineConfig, backend: str, context_length: int) -> dict:
+    """Constructor options of the chosen attention backend, from --triton-attention-* and
+    --cuda-graph-max-bs (the fixed metadata buffers must hold the largest captured batch)."""
+    if backend != "triton":
+        return {}
+    return {"num_kv_splits": cfg.kernel.triton_attention_num_kv_splits,
+            "reduce_in_fp32": cfg.kernel.triton_attention_reduce_in_fp32,
+            "max_batch_size": max(256, cfg.kernel.cuda_graph_max_bs),
+            "max_context_len": context_length}
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig) -> None:
         from pdserve.loader import load_model  # heavy imports stay out of config-only paths
 
         self.cfg = cfg
+        check_kernel_flags(cfg)  # before the (slow) load
         self.device = resolve_device(cfg.model.device)
         torch.manual_seed(cfg.model.random_seed)
         if cfg.model.cpu_threads is not None:
@@ -83,11 +125,14 @@ class ModelRunner:
                                dtype=str(self.loaded.dtype).removeprefix("torch."))
         num_pages = pool_pages(cfg.cache, self.layout, self.device, self.context_length)
         self.pool = KVPool(num_pages, self.layout, self.device)
-        backend = cfg.kernel.attention_backend
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        self.attn = make_attention_backend(backend, self.pool)
+        backend = resolve_attention_backend(cfg, self.device)
+        self.attn = make_attention_backend(backend, self.pool, **attention_options(cfg, backend, self.context_length))
         self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed)
+        self.graphs = None  # CudaGraphRunner once captured (CUDA + triton, unless --disable-cuda-graph)
+        if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:
+            from pdserve.runtime.cuda_graph import CudaGraphRunner
+            self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
+            self.graphs.capture()
         log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
                  cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)
@@ -103,6 +148,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, seqs: list[SeqChunk]) -> torch.Tensor:
         """Run one step; returns logits ``[N, vocab]`` for the seqs with ``need_logits``."""
+        if self.graphs is not None and self.graphs.can_run(seqs):
+            return self.graphs.run(seqs)
         batch = build_forward_batch(seqs, self.layout.page_size, self.device)
         self.attn.init_batch(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
