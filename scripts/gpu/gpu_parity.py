@@ -1,0 +1,245 @@
+"""pdserve against transformers with the same random weights (bf16 on GPU): greedy tokens and logits.
+
+    python scripts/gpu/gpu_parity.py                   # H200: Llama-3.1-8B and Qwen3-8B shapes, 8 layers
+    python scripts/gpu/gpu_parity.py --layers 0        # all layers (32 / 36)
+    python scripts/gpu/gpu_parity.py --tiny            # CPU smoke test: toy Llama + toy Qwen3, fp32
+
+Per model: HF-named weights are drawn once (matrices N(0, --std), the LM head N(0, --head-std) so
+logits are not near-uniform, norms 1 + N(0, 0.1)) and loaded into both transformers and pdserve's
+``ModelRunner`` (Triton kernels, CUDA graphs). ``--prompts`` random prompts of different lengths
+are prefilled together in one ragged step, then decoded greedily as one batch for
+``--new-tokens`` steps (a batch of 3 replays the bucket-4 graph: one padding row). Checks:
+
+1. greedy tokens equal to transformers' ``generate`` (greedy) per prompt; where they differ, the
+   HF top-1/top-2 margin at the first difference says whether it is a bf16 near-tie;
+2. teacher-forced logits: transformers run once over pdserve's own output sequence; at every
+   generated position max |logit diff| / std(logits), and top-1 agreement (disagreements with a
+   margin under --tie-margin x std count as ties, reported separately);
+3. graph vs eager: the same decode steps run without CUDA graphs give the same tokens.
+
+Exit status 1 on any non-tie disagreement, a relative logit error over --rtol, or a crash.
+JSON to $OUT/gpu_parity.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from engine_bench import ARCHS, make_runner, write_model_dir  # noqa: E402
+
+
+def make_weights(config: dict, seed: int, std: float, head_std: float, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF-named tensors for a Llama-family config (names and shapes from pdserve's dummy loader)."""
+    from pdserve.loader.dummy import hf_weight_shapes
+    from pdserve.models.arch import ModelArch
+
+    out = {}
+    for name, shape in hf_weight_shapes(ModelArch.from_hf_config(config)):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            values = 1 + 0.1 * noise
+        else:
+            values = noise * (head_std if name == "lm_head.weight" else std)
+        out[name] = values.to(dtype)
+    if config.get("tie_word_embeddings"):
+        out["model.embed_tokens.weight"] = (out["model.embed_tokens.weight"].float() * head_std / std).to(dtype)
+    return out
+
+
+def hf_model(model_dir: Path, weights: dict, device: torch.device, dtype: torch.dtype):
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(str(model_dir))
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"transformers state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], new_tokens: int, device: torch.device) -> tuple[list[int], list[float]]:
+    """Greedy continuation and the top-1/top-2 logit margin at each step."""
+    ids = torch.tensor([prompt], device=device)
+    model.generation_config.eos_token_id = None  # no early stop and no EOS suppression: plain argmax
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    margins = []
+    for step_logits in out.logits:
+        top2 = step_logits[0].float().topk(2).values
+        margins.append(float(top2[0] - top2[1]))
+    return tokens, margins
+
+
+@torch.inference_mode()
+def hf_logits(model, sequence: list[int], device: torch.device) -> torch.Tensor:
+    return model(torch.tensor([sequence], device=device)).logits[0].float()  # [len, vocab]
+
+
+@torch.inference_mode()
+def pdserve_generate(runner, prompts: list[list[int]], new_tokens: int, use_graphs: bool):
+    """One ragged prefill step for all prompts, then batched greedy decode. -> (tokens, logits per step)."""
+    from pdserve.runtime.forward import SeqChunk
+
+    page = runner.layout.page_size
+    graphs, runner.graphs = runner.graphs, (runner.graphs if use_graphs else None)
+    try:
+        per_seq = -(-(max(map(len, prompts)) + new_tokens + 1) // page)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+        logits = runner.forward([SeqChunk(f"p{i}", p, 0, tables[i]) for i, p in enumerate(prompts)]).clone()
+        steps = [logits]  # [B, vocab] per generated position
+        tokens = [[t] for t in logits.argmax(-1).tolist()]
+        for step in range(new_tokens - 1):
+            seqs = [SeqChunk(f"p{i}", [tokens[i][-1]], len(p) + step, tables[i]) for i, p in enumerate(prompts)]
+            logits = runner.forward(seqs).clone()
+            steps.append(logits)
+            for i, t in enumerate(logits.argmax(-1).tolist()):
+                tokens[i].append(t)
+    finally:
+        runner.graphs = graphs
+    return tokens, torch.stack(steps, dim=1).float()  # tokens [B][n]; logits [B, n, vocab]
+
+
+def compare_logits(ours: torch.Tensor, ref: torch.Tensor, tie_margin: float) -> dict:
+    """ours/ref [n, vocab] at the same positions -> max relative diff, top-1 agreement, ties."""
+    scale = float(ref.std())
+    diff = float((ours - ref).abs().max())
+    ours_top, ref_top = ours.argmax(-1), ref.argmax(-1)
+    disagree = (ours_top != ref_top).nonzero().flatten().tolist()
+    ties, real = [], []
+    for pos in disagree:
+        margin = float(ref[pos, ref_top[pos]] - ref[pos, ours_top[pos]])  # how much HF prefers its own pick
+        (ties if margin < tie_margin * scale else real).append({"pos": pos, "margin": round(margin, 4)})
+    return {"max_abs_diff": float(f"{diff:.3g}"), "logit_std": float(f"{scale:.3g}"), "rel_diff": float(f"{diff / scale:.3g}"),
+            "top1_agree": round(1 - len(disagree) / ours.shape[0], 4), "ties": ties, "disagreements": real}
+
+
+def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.dtype) -> dict:
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    model_dir = write_model_dir(root, name, **overrides)
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = make_weights(config, args.seed, args.std, args.head_std, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    lengths = [args.prompt_len + 37 * i for i in range(args.prompts)]
+    prompts = [torch.randint(3, config["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+    ctx = max(lengths) + args.new_tokens + 32
+    runner = make_runner(model_dir, args.device, args.dtype, total_tokens=len(prompts) * (ctx + 16),
+                         context_length=ctx, cuda_graph_max_bs=8)
+    runner.model.load_weights(weights.items())  # in place: captured graphs keep reading these tensors
+    ours, our_logits = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=True)
+    eager, _ = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=False)
+    result = {"model": name, "layers": config["num_hidden_layers"], "graphs": runner.graphs is not None,
+              "graph_vs_eager_tokens_equal": ours == eager, "prompts": []}
+    del runner
+    model = hf_model(model_dir, weights, device, dtype)
+    del weights
+    for i, prompt in enumerate(prompts):
+        ref_tokens, margins = hf_greedy(model, prompt, args.new_tokens, device)
+        first = next((j for j, (a, b) in enumerate(zip(ours[i], ref_tokens)) if a != b), None)
+        forced = hf_logits(model, prompt + ours[i], device)[len(prompt) - 1:-1]  # [n, vocab] at our positions
+        cmp = compare_logits(our_logits[i].to(forced.device), forced, args.tie_margin)
+        result["prompts"].append({"prompt_len": len(prompt), "greedy_equal": first is None, "first_diff": first,
+                                  "hf_margin_at_first_diff": None if first is None else round(margins[first], 4),
+                                  **cmp})
+    del model
+    return result
+
+
+def verdict(result: dict, rtol: float) -> list[str]:
+    problems = []
+    if not result["graph_vs_eager_tokens_equal"]:
+        problems.append("graph and eager decode disagree")
+    for p in result["prompts"]:
+        if p["disagreements"]:
+            problems.append(f"prompt {p['prompt_len']}: top-1 differs (not a tie) at {p['disagreements'][:3]}")
+        if p["rel_diff"] > rtol:
+            problems.append(f"prompt {p['prompt_len']}: max logit diff {p['rel_diff']:.3f} x std > {rtol}")
+    return problems
+
+
+def print_result(result: dict, problems: list[str]) -> None:
+    print(f"\n{result['model']} ({result['layers']} layers, CUDA graphs {'on' if result['graphs'] else 'off'}; "
+          f"graph == eager tokens: {result['graph_vs_eager_tokens_equal']})")
+    print("| prompt | greedy equal | first diff (HF margin) | max |dlogit| | / std | top-1 agree | ties |")
+    print("|---|---|---|---|---|---|---|")
+    for p in result["prompts"]:
+        diff = "-" if p["first_diff"] is None else f"{p['first_diff']} ({p['hf_margin_at_first_diff']})"
+        print(f"| {p['prompt_len']} | {p['greedy_equal']} | {diff} | {p['max_abs_diff']} | {p['rel_diff']} | "
+              f"{p['top1_agree']:.1%} | {len(p['ties'])} |")
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: toy Llama + toy Qwen3, fp32")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    p.add_argument("--models", default="llama-3.1-8b,qwen3-8b")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (0 = the model's own count)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--std", type=float, default=0.02)
+    p.add_argument("--head-std", type=float, default=0.08, help="LM head std (spreads the logits)")
+    p.add_argument("--tie-margin", type=float, default=0.05, help="x logit std: a closer top-2 is a tie")
+    p.add_argument("--rtol", type=float, default=0.1, help="max |logit diff| / logit std allowed")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models, args.layers, args.prompt_len, args.new_tokens = "tiny,tiny-qwen3", 0, 9, 6
+        args.device = args.device or "cpu"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.json is None and os.environ.get("OUT"):
+        args.json = str(Path(os.environ["OUT"]) / "gpu_parity.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"gpu_parity: {args.device} {args.dtype}, models {args.models}, "
+          f"{'all' if not args.layers else args.layers} layers, {args.prompts} prompts x {args.new_tokens} tokens")
+    results, failed = [], False
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            try:
+                result = check_model(name, args, Path(tmp), device, dtype)
+                problems = verdict(result, args.rtol)
+                print_result(result, problems)
+                result["problems"] = problems
+            except Exception:
+                traceback.print_exc()
+                result, problems = {"model": name, "error": traceback.format_exc(limit=4)}, ["crashed"]
+            failed |= bool(problems)
+            results.append(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"gpu_parity: {'FAIL' if failed else 'PASS'} in {time.perf_counter() - start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
