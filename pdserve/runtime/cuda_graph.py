@@ -98,10 +98,12 @@ def is_decode_batch(seqs: list[SeqChunk]) -> bool:
 class CudaGraphRunner:
     """Captured decode steps of ``runner``'s model for batch-size buckets up to ``max_bs``."""
 
-    def __init__(self, runner: "ModelRunner", max_bs: int) -> None:
+    def __init__(self, runner: "ModelRunner", max_bs: int, emulate: bool = False) -> None:
+        """``emulate``: no graphs; ``run`` executes the padded static step eagerly. For CPU tests of
+        the buffers-and-padding path (Triton interpreter); never used by the engine."""
         from pdserve.kernels.backend import TritonAttention
 
-        if runner.device.type != "cuda":
+        if runner.device.type != "cuda" and not emulate:
             raise ValueError("CUDA graphs need --device cuda (use --disable-cuda-graph)")
         if not isinstance(runner.attn, TritonAttention):
             raise ValueError("CUDA graphs need --attention-backend triton (or pass --disable-cuda-graph)")
@@ -115,9 +117,13 @@ class CudaGraphRunner:
         self.page_size = runner.layout.page_size
         device = runner.device
         self.inputs = torch.zeros(3, max_bs, dtype=torch.int64, device=device)  # ids | positions | slots
-        self.host_inputs = torch.zeros(3, max_bs, dtype=torch.int64).pin_memory()
-        self.copy_done = torch.cuda.Event()  # the last host->device copy has read host_inputs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.emulate = emulate
+        self.host_inputs = torch.zeros(3, max_bs, dtype=torch.int64)
+        self.copy_done = None  # CUDA: the last host->device copy has finished reading host_inputs
+        if device.type == "cuda":
+            self.host_inputs = self.host_inputs.pin_memory()
+            self.copy_done = torch.cuda.Event()
+        self.graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: emulated (eager) bucket
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] fp32, the graph's output
         self.mempool = None
         self.capture_seconds = 0.0
@@ -146,6 +152,9 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool."""
+        if self.emulate:
+            self.graphs = {b: None for b in self.buckets}
+            return
         start = time.perf_counter()
         torch.cuda.synchronize(self.runner.device)
         free_before, _ = torch.cuda.mem_get_info(self.runner.device)
@@ -187,15 +196,20 @@ class CudaGraphRunner:
         if bucket is None or bucket not in self.graphs:
             raise ValueError(f"batch of {len(seqs)} has no captured graph (max {self.max_bs})")
         rows = decode_rows(seqs, bucket, self.page_size)  # [3, bucket]
-        self.copy_done.synchronize()  # the previous step's copy has finished reading the pinned buffer
+        if self.copy_done is not None:
+            self.copy_done.synchronize()  # the previous step's copy has finished reading the pinned buffer
         self.host_inputs[:, :bucket].copy_(rows)
-        self.inputs[:, :bucket].copy_(self.host_inputs[:, :bucket], non_blocking=True)
-        self.copy_done.record()
+        self.inputs[:, :bucket].copy_(self.host_inputs[:, :bucket], non_blocking=self.copy_done is not None)
+        if self.copy_done is not None:
+            self.copy_done.record()
         batch = ForwardBatch(seqs=seqs, input_ids=self.inputs[0, :len(seqs)], positions=self.inputs[1, :len(seqs)],
                              out_loc=self.inputs[2, :len(seqs)], q_starts=list(range(len(seqs))), kv_locs=[],
                              logits_idx=self.inputs[0, :0], is_decode=True)
         self.attn.init_batch(batch)  # fills the fixed page table / seq_lens in place
         if batch.extras["triton"].page_table is not self.attn.buffers.page_table:
             raise RuntimeError("attention metadata left the fixed buffers; the graph would read stale tables")
-        self.graphs[bucket].replay()
+        graph = self.graphs[bucket]
+        if graph is None:  # emulated: the same padded step, eagerly
+            return self._step(self._static_batch(bucket))[:len(seqs)]
+        graph.replay()
         return self.logits[bucket][:len(seqs)]

@@ -83,3 +83,69 @@ def test_triton_options_follow_the_flags():
     assert attention_options(cfg, "triton", 8192) == {"num_kv_splits": 4, "reduce_in_fp32": True,
                                                       "max_batch_size": 512, "max_context_len": 8192}
     assert attention_options(cfg, "torch", 8192) == {}
+
+
+def _tiny_runner(max_bs: int):
+    """What CudaGraphRunner reads of a ModelRunner: a tiny dummy Llama, a pool, TritonAttention."""
+    from types import SimpleNamespace
+
+    from pdserve.kernels.backend import TritonAttention
+    from pdserve.loader.dummy import dummy_weights
+    from pdserve.models.arch import ModelArch
+    from pdserve.models.llama import LlamaForCausalLM
+    from pdserve.runtime.kv_pool import KVLayout, KVPool
+
+    arch = ModelArch.from_hf_config({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 96,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0})
+    model = LlamaForCausalLM(arch)
+    model.load_weights(dummy_weights(arch, 0, torch.float32))
+    layout = KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, 4, "float32")
+    pool = KVPool(24, layout, "cpu")
+    attn = TritonAttention(pool, num_kv_splits=2, max_batch_size=max_bs, max_context_len=32)
+    return SimpleNamespace(device=torch.device("cpu"), attn=attn, layout=layout, model=model, pool=pool)
+
+
+def test_padded_static_step_matches_eager_and_padding_writes_no_page():
+    """The graph path's buffers and padding (run eagerly: CPU has no graphs) against the plain
+    eager step: same logits, same pool; padding rows (slot -1) leave every other slot untouched."""
+    from pdserve.runtime.cuda_graph import CudaGraphRunner
+
+    torch.manual_seed(0)
+    runner = _tiny_runner(max_bs=4)
+    runner.pool.buffer.normal_()  # cached contexts
+    seqs = [SeqChunk("a", [5], 6, [0, 1]), SeqChunk("b", [7], 0, [2]), SeqChunk("c", [9], 13, [3, 4, 5, 6])]
+    before = runner.pool.buffer.clone()
+
+    batch = build_forward_batch(seqs, 4)
+    runner.attn.init_batch(batch)
+    with torch.inference_mode():
+        eager = runner.model.compute_logits(runner.model.forward(batch.input_ids, batch.positions, batch, runner.attn))
+    eager_pool = runner.pool.buffer.clone()
+
+    runner.pool.buffer.copy_(before)
+    graphs = CudaGraphRunner(runner, 4, emulate=True)
+    graphs.capture()
+    assert graphs.can_run(seqs) and bucket_for(len(seqs), graphs.buckets) == 4  # one padding row
+    padded = graphs.run(seqs)
+    assert padded.shape == (3, 96)
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runner.pool.buffer, eager_pool, rtol=1e-5, atol=1e-6)  # GEMM of 4 rows vs 3
+    changed = (runner.pool.buffer != before).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [1, 2, 6]  # the pages of positions 6, 0 and 13 only: the padding row wrote nothing
+
+
+def test_can_run_refuses_what_the_fixed_buffers_cannot_hold():
+    from pdserve.runtime.cuda_graph import CudaGraphRunner
+
+    runner = _tiny_runner(max_bs=2)
+    graphs = CudaGraphRunner(runner, 2, emulate=True)
+    assert not graphs.can_run([SeqChunk("a", [1], 0, [0])])  # nothing captured yet
+    graphs.capture()
+    assert graphs.can_run([SeqChunk("a", [1], 0, [0])])
+    assert not graphs.can_run([SeqChunk(str(i), [1], 0, [i]) for i in range(3)])   # more than max_bs
+    assert not graphs.can_run([SeqChunk("a", [1, 2], 0, [0])])                      # a prefill chunk
+    assert not graphs.can_run([SeqChunk("a", [1], 32, list(range(9)))])             # past the page-table width
+    with pytest.raises(ValueError, match="exceeds the attention metadata"):
+        CudaGraphRunner(runner, 3, emulate=True)
