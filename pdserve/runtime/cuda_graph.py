@@ -124,7 +124,7 @@ class CudaGraphRunner:
             self.host_inputs = self.host_inputs.pin_memory()
             self.copy_done = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: emulated (eager) bucket
-        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] fp32, the graph's output
+        self.out: torch.Tensor | None = None  # [max_bs, vocab] fp32, every graph's logits (rows [0, bucket))
         self.mempool = None
         self.capture_seconds = 0.0
         self.capture_bytes = 0
@@ -162,17 +162,20 @@ class CudaGraphRunner:
         self.inputs[2].fill_(PAD_SLOT)
         self.attn.buffers.lens.zero_()  # every row empty: capture reads and writes no page
         self.mempool = torch.cuda.graph_pool_handle()
+        self.out = None
         stream = torch.cuda.Stream(self.runner.device)
         for bucket in sorted(self.buckets, reverse=True):
             batch = self._static_batch(bucket)
             stream.wait_stream(torch.cuda.current_stream(self.runner.device))
             with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, workspace allocated
-                for _ in range(2):
-                    self._step(batch)
+                self._step(batch)
             torch.cuda.current_stream(self.runner.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                self.logits[bucket] = self._step(batch)
+            with torch.cuda.graph(graph, pool=self.mempool, stream=stream, capture_error_mode="thread_local"):
+                if self.out is None:  # made by the largest bucket's graph; smaller ones write its rows
+                    self.out = self._step(batch)
+                else:
+                    self.out[:bucket].copy_(self._step(batch))
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.runner.device)
         free_after, _ = torch.cuda.mem_get_info(self.runner.device)
@@ -212,4 +215,4 @@ class CudaGraphRunner:
         if graph is None:  # emulated: the same padded step, eagerly
             return self._step(self._static_batch(bucket))[:len(seqs)]
         graph.replay()
-        return self.logits[bucket][:len(seqs)]
+        return self.out[:len(seqs)]
