@@ -132,7 +132,11 @@ class ModelRunner:
         if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:
             from pdserve.runtime.cuda_graph import CudaGraphRunner
             self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except Exception as e:
+                raise RuntimeError(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
+                                   f"run with --disable-cuda-graph to decode eagerly") from e
         log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
                  cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)

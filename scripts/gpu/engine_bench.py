@@ -199,14 +199,15 @@ def sync(device: torch.device) -> None:
 
 # -- pdserve ------------------------------------------------------------------------------------
 def make_runner(model_dir: Path, device: str, dtype: str, total_tokens: int, context_length: int,
-                cuda_graph_max_bs: int):
+                cuda_graph_max_bs: int, disable_cuda_graph: bool = False, attention_backend: str = "auto"):
     from pdserve.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig
     from pdserve.runtime.model_runner import ModelRunner
 
     cfg = EngineConfig(model=ModelConfig(model_path=str(model_dir), load_format="dummy", dtype=dtype, device=device,
                                          context_length=context_length),
                        cache=CacheConfig(max_total_tokens=total_tokens),
-                       kernel=KernelConfig(cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=device == "cpu"))
+                       kernel=KernelConfig(cuda_graph_max_bs=cuda_graph_max_bs, attention_backend=attention_backend,
+                                           disable_cuda_graph=disable_cuda_graph or device == "cpu"))
     return ModelRunner(cfg)
 
 
@@ -256,7 +257,12 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
     total = max(max(args.batches) * pages_per_seq * page, max(args.prefill) + page)
     context_length = max(args.ctx + args.warmup + args.steps + page, max(args.prefill)) + page
     t0 = time.perf_counter()
-    runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches))
+    try:
+        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches))
+    except RuntimeError:  # graph capture failed: say so, and still measure the eager engine
+        report.error(f"{name} pdserve CUDA graph capture")
+        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches),
+                             disable_cuda_graph=True)
     graphs = runner.graphs
     note = f"load+capture {time.perf_counter() - t0:.1f}s"
     if graphs is not None:
