@@ -394,9 +394,9 @@ def bench_compile(report: Report, name: str, model_dir: Path, args, dtype: torch
         print(f"  {name}: torch.compile skipped ({budget} s left)", flush=True)
         return
     device = torch.device(args.device)
-    model = hf_model(model_dir, device, dtype)
     with alarm(budget):
         t0 = time.perf_counter()
+        model = hf_model(model_dir, device, dtype)
         ms = hf_compiled_decode_ms(model, args.ctx, args.steps, device)
         report.add(Row(name, "transformers compile", f"decode bs=1 ctx={args.ctx}", ms,
                        decode_floor_ms(ARCHS[name], dtype, 1, args.ctx),

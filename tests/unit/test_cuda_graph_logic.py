@@ -149,3 +149,24 @@ def test_can_run_refuses_what_the_fixed_buffers_cannot_hold():
     assert not graphs.can_run([SeqChunk("a", [1], 32, list(range(9)))])             # past the page-table width
     with pytest.raises(ValueError, match="exceeds the attention metadata"):
         CudaGraphRunner(runner, 3, emulate=True)
+
+
+@pytest.mark.slow
+def test_gpu_scripts_smoke_modes(tmp_path):
+    """engine_bench.py and gpu_parity.py --tiny (what run_all.sh --tiny runs), in-process."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu"))
+    import engine_bench
+    import gpu_parity
+
+    assert engine_bench.main(["--tiny", "--skip-hf", "--json", str(tmp_path / "eb.json")]) == 0
+    rows = json.loads((tmp_path / "eb.json").read_text())["rows"]
+    assert {r["case"] for r in rows} == {"decode bs=1 ctx=16", "decode bs=2 ctx=16", "prefill 16", "prefill 32"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert gpu_parity.main(["--tiny", "--attention-backend", "torch", "--json", str(tmp_path / "gp.json")]) == 0
+    results = json.loads((tmp_path / "gp.json").read_text())
+    assert [r["model"] for r in results] == ["tiny", "tiny-qwen3"]
+    assert all(p["greedy_equal"] and p["rel_diff"] < 1e-4 for r in results for p in r["prompts"])
