@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 CPU_DEFAULT_MEM_FRACTION = 0.05   # of available RAM: several nodes share one CPU box
 GPU_DEFAULT_MEM_FRACTION = 0.88
+GPU_HEADROOM_BYTES = 2 << 30      # activations and CUDA graphs of a step, beyond the static budget
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,12 +50,14 @@ def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, conte
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         frac = cache.mem_fraction_static or GPU_DEFAULT_MEM_FRACTION
-        used = total - free  # weights, other tenants
-        budget = total * frac - used
+        # This process's share is frac x total, of which its weights already took `used`; when
+        # several nodes share a GPU, what the others hold is respected through `free`.
+        used = torch.cuda.memory_reserved(device)
+        budget = min(total * frac - used, free - GPU_HEADROOM_BYTES)
         flag = "--mem-fraction-static"
         if budget < layout.page_nbytes * -(-context_length // layout.page_size):
             raise ValueError(f"{flag}: {frac} of {total / 2**30:.1f} GiB leaves {max(budget, 0) / 2**30:.2f} GiB for "
-                             f"the KV cache after {used / 2**30:.1f} GiB already in use (weights, other processes); "
+                             f"the KV cache after {used / 2**30:.1f} GiB of weights ({free / 2**30:.1f} GiB free on the device); "
                              f"one full context ({context_length} tokens) needs "
                              f"{layout.page_nbytes * -(-context_length // layout.page_size) / 2**30:.2f} GiB: raise it, "
                              f"lower --context-length, or use a GPU with more free memory")
