@@ -29,11 +29,10 @@ import httpx
 from pdserve.config import (EngineConfig, ModelConfig, NodeConfig, RouterConfig, TransferConfig, add_config_args,
                             config_from_args, flag_name, opt)
 from pdserve.redis_server import RedisServer, die_with_parent
+from pdserve.router.server import ROUTER_MODEL_FIELDS
 
 # NodeConfig fields `up` sets per node itself (the router's --host/--port/--registry-url are not the nodes').
 PER_NODE_FIELDS = {"host", "port", "registry_url", "node_id"}
-# Model flags the router understands (it tokenizes; it loads no weights).
-ROUTER_MODEL_FIELDS = {"model_path", "tokenizer_path", "context_length", "download_dir", "revision"}
 
 
 @dataclass(frozen=True)

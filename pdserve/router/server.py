@@ -7,6 +7,7 @@ Flags come from ``RouterConfig`` plus the model flags the router needs for token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -20,14 +21,15 @@ from pdserve.router.core import Router
 
 log = logging.getLogger(__name__)
 
-# ModelConfig fields that only matter where weights are loaded.
-ENGINE_ONLY_MODEL_FIELDS = {"tokenizer_mode", "load_format", "dtype", "device", "random_seed"}
+# The ModelConfig fields the router uses (it tokenizes; it loads no weights). A whitelist, so fields
+# added to ModelConfig for the engines do not appear as router flags that do nothing.
+ROUTER_MODEL_FIELDS = {"model_path", "tokenizer_path", "context_length", "download_dir", "revision"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve router", description="Run the OpenAI-compatible router.")
     add_config_args(parser, RouterConfig)
-    add_config_args(parser, ModelConfig, skip=ENGINE_ONLY_MODEL_FIELDS)
+    add_config_args(parser, ModelConfig, skip={f.name for f in dataclasses.fields(ModelConfig)} - ROUTER_MODEL_FIELDS)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
