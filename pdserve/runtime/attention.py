@@ -38,37 +38,48 @@ class TorchAttention:
         self.pool = pool
 
     def init_batch(self, batch: ForwardBatch) -> None:
+        dev = batch.input_ids.device
+        ps = self.pool.page_size
         dec = [i for i, s in enumerate(batch.seqs) if s.num_new_tokens == 1]
         batch.extras["torch_decode_idx"] = dec
         batch.extras["torch_prefill_idx"] = [i for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1]
+        # Contexts are read page by page (index_select of whole pages: one index per page_size
+        # tokens), then positions past each sequence's length are masked.
+        batch.extras["torch_pages"] = {i: torch.tensor(s.page_ids[:-(-s.kv_len // ps)], dtype=torch.int64, device=dev)
+                                       for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1}
         if not dec:
             return
         lens = [batch.seqs[i].kv_len for i in dec]
-        max_len = max(lens)
-        slots = torch.zeros(len(dec), max_len, dtype=torch.int64, device=batch.input_ids.device)
+        max_pages = -(-max(lens) // ps)
+        table = torch.zeros(len(dec), max_pages, dtype=torch.int64)  # padding rows read page 0, masked
         for row, i in enumerate(dec):
-            slots[row, :lens[row]] = batch.kv_locs[i]
-        ps = self.pool.page_size
-        valid = torch.arange(max_len, device=slots.device)[None, :] < torch.tensor(lens, device=slots.device)[:, None]
-        batch.extras["torch_decode"] = (slots // ps, slots % ps, valid,  # [B, L] each
-                                        torch.tensor([batch.q_starts[i] for i in dec], device=slots.device))
+            n = -(-lens[row] // ps)
+            table[row, :n] = torch.tensor(batch.seqs[i].page_ids[:n], dtype=torch.int64)
+        valid = torch.arange(max_pages * ps)[None, :] < torch.tensor(lens)[:, None]   # [B, L]
+        batch.extras["torch_decode"] = (table.view(-1).to(dev), valid.to(dev),
+                                        torch.tensor([batch.q_starts[i] for i in dec], device=dev))
+
+    def _context(self, layer: int, pages: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``pages`` (flat, ``rows`` tables of equal length) -> two ``[rows, L, Hkv, D]``."""
+        k = self.pool.k(layer).index_select(0, pages)   # [rows * pages, page_size, Hkv, D]
+        v = self.pool.v(layer).index_select(0, pages)
+        return k.view(rows, -1, *k.shape[2:]), v.view(rows, -1, *v.shape[2:])
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch, scale: float) -> torch.Tensor:
         self.pool.write(layer, batch.out_loc, k, v)
         out = torch.empty_like(q)
         if batch.extras.get("torch_decode_idx"):
-            pages, offsets, valid, rows = batch.extras["torch_decode"]
-            keys = self.pool.buffer[pages, layer, 0, offsets]    # [B, L, Hkv, D]
-            values = self.pool.buffer[pages, layer, 1, offsets]  # [B, L, Hkv, D]
+            table, valid, rows = batch.extras["torch_decode"]
+            keys, values = self._context(layer, table, rows.numel())       # [B, L, Hkv, D]
             out[rows] = grouped_attention(q[rows][:, None], keys, values, valid[:, None, :], scale)[:, 0]
-        for i in batch.extras.get("torch_prefill_idx", range(len(batch.seqs))):
+        for i in batch.extras.get("torch_prefill_idx", ()):
             seq, q_start = batch.seqs[i], batch.q_starts[i]
             n = seq.num_new_tokens
-            keys, values = self.pool.gather(layer, batch.kv_locs[i])  # [kv_len, Hkv, D]
+            keys, values = self._context(layer, batch.extras["torch_pages"][i], 1)  # [1, L, Hkv, D]
             q_pos = torch.arange(seq.start_pos, seq.kv_len, device=q.device)[:, None]
-            mask = torch.arange(seq.kv_len, device=q.device)[None, :] <= q_pos  # [n, kv_len]
-            out[q_start:q_start + n] = grouped_attention(q[None, q_start:q_start + n], keys[None], values[None],
+            mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= q_pos  # [n, L]; also cuts the page tail
+            out[q_start:q_start + n] = grouped_attention(q[None, q_start:q_start + n], keys, values,
                                                          mask[None], scale)[0]
         return out
 
