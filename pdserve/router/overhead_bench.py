@@ -79,7 +79,7 @@ def measure_direct(view: RegistryView, prompt: list[int], out_tokens: int, n: in
 def measure_router_sequential(url: str, prompt: list[int] | str, out_tokens: int, n: int) -> dict:
     """Streaming requests one at a time: token ids as a completion, text as a chat (template + tokenizer)."""
     is_chat = isinstance(prompt, str)
-    body = {"model": "m", "max_tokens": out_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {"max_tokens": out_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
     body.update({"messages": [{"role": "user", "content": prompt}]} if is_chat else {"prompt": prompt})
     path = "/v1/chat/completions" if is_chat else "/v1/completions"
     ttft, e2e = [], []
@@ -121,8 +121,7 @@ async def _post_loop(host: str, port: int, request: bytes, counter: list[int], r
 
 
 async def _throughput(url: str, prompt: list[int], out_tokens: int, n: int, concurrency: int) -> tuple[float, int]:
-    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": out_tokens, "ignore_eos": True,
-                       "temperature": 0}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": out_tokens, "ignore_eos": True, "temperature": 0}).encode()
     host, port = url.split("//", 1)[1].split(":")
     request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -146,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.router.overhead_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer-path", default="smollm2", help="Model path whose tokenizer the router loads.")
     parser.add_argument("--num-requests", type=int, default=300)
-    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--concurrency", default="1,16,64", help="Throughput runs ('' for none).")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--decode-nodes", type=int, default=1)
+    parser.add_argument("--registry-url", default=None, help="Measure an existing deployment (with --router-url) "
+                        "instead of starting loopback nodes and a router.")
+    parser.add_argument("--router-url", default=None)
     parser.add_argument("--log", default=os.devnull, help="Where the child processes' output goes.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
@@ -158,9 +160,21 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_path = resolve_model_path(args.tokenizer_path)
     tok = load_tokenizer(tok_path)
+    if args.registry_url and args.router_url:
+        view = RegistryView(args.registry_url).start()
+        results = _measure(args, tok, view, args.router_url.rstrip("/"), router_pid=None, decode_pid=None)
+        view.stop()
+    else:
+        results = _with_loopback(args, tok, tok_path)
+    _print(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _with_loopback(args, tok, tok_path: str) -> dict:
     reply = ",".join(str(t) for t in tok.encode(" the quick brown fox jumps over the lazy dog"))
-    prompt = [(1000 + 7 * i) % tok.vocab_size for i in range(args.prompt_tokens)]
-    results: dict = {"prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
     with RedisServer() as redis_srv, open(args.log, "ab") as log:
         port = free_port()
         procs = [_spawn(["-m", "pdserve.router.loopback", "--registry-url", redis_srv.url, "--role", "prefill",
@@ -168,39 +182,41 @@ def main(argv: list[str] | None = None) -> int:
                  _spawn(["-m", "pdserve.router.loopback", "--registry-url", redis_srv.url, "--role", "decode",
                          "--count", str(args.decode_nodes), "--reply-ids", reply], log),
                  _spawn(["-m", "pdserve", "router", "--registry-url", redis_srv.url, "--port", str(port),
-                         "--model-path", tok_path, "--served-model-name", "m", "--log-level", "warning"], log)]
-        url = f"http://127.0.0.1:{port}"
+                         "--model-path", tok_path, "--log-level", "warning"], log)]
         try:
             view = RegistryView(redis_srv.url).start()
             view.wait_for(lambda n: len(n) == 1 + args.decode_nodes, 30)
-            _wait_healthy(url, 60)
-            n_seq = min(args.num_requests, 200)
-            measure_router_sequential(url, prompt, args.output_tokens, 20)          # warm-up
-            results["direct"] = measure_direct(view, prompt, args.output_tokens, n_seq)
-            results["router"] = measure_router_sequential(url, prompt, args.output_tokens, n_seq)
-            text = tok.decode(prompt)
-            results["router_chat"] = measure_router_sequential(url, text, args.output_tokens, n_seq)
-            results["throughput"] = []
-            for conc in [int(c) for c in args.concurrency.split(",")]:
-                cpu0 = [_cpu_seconds(p.pid) for p in procs]
-                wall, failures = asyncio.run(_throughput(url, prompt, args.output_tokens, args.num_requests, conc))
-                cpu = [_cpu_seconds(p.pid) - c0 for p, c0 in zip(procs, cpu0)]
-                results["throughput"].append({"concurrency": conc, "requests_per_s": args.num_requests / wall,
-                                              "output_tokens_per_s": args.num_requests * args.output_tokens / wall,
-                                              "router_cpu_ms_per_request": cpu[2] / args.num_requests * 1e3,
-                                              "router_cpu_util": cpu[2] / wall,
-                                              "decode_nodes_cpu_util": cpu[1] / wall, "failures": failures})
+            results = _measure(args, tok, view, f"http://127.0.0.1:{port}", procs[2].pid, procs[1].pid)
             view.stop()
+            return results
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(timeout=10)
-    _print(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+
+
+def _measure(args, tok, view: RegistryView, url: str, router_pid: int | None, decode_pid: int | None) -> dict:
+    _wait_healthy(url, 60)
+    prompt = [(1000 + 7 * i) % tok.vocab_size for i in range(args.prompt_tokens)]
+    results: dict = {"prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "throughput": []}
+    n_seq = min(args.num_requests, 200)
+    measure_router_sequential(url, prompt, args.output_tokens, min(20, n_seq))          # warm-up
+    results["direct"] = measure_direct(view, prompt, args.output_tokens, n_seq)
+    results["router"] = measure_router_sequential(url, prompt, args.output_tokens, n_seq)
+    results["router_chat"] = measure_router_sequential(url, tok.decode(prompt), args.output_tokens, n_seq)
+    for conc in [int(c) for c in args.concurrency.split(",") if c]:
+        pids = [p for p in (router_pid, decode_pid) if p is not None]
+        cpu0 = [_cpu_seconds(p) for p in pids]
+        wall, failures = asyncio.run(_throughput(url, prompt, args.output_tokens, args.num_requests, conc))
+        cpu = [(_cpu_seconds(p) - c0) / wall for p, c0 in zip(pids, cpu0)]
+        row = {"concurrency": conc, "requests_per_s": args.num_requests / wall,
+               "output_tokens_per_s": args.num_requests * args.output_tokens / wall, "failures": failures}
+        if len(cpu) == 2:
+            row.update(router_cpu_ms_per_request=cpu[0] * wall / args.num_requests * 1e3, router_cpu_util=cpu[0],
+                       decode_nodes_cpu_util=cpu[1])
+        results["throughput"].append(row)
+    return results
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -217,7 +233,7 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 
 def _print(r: dict) -> None:
     d, v = r["direct"]["ttft_ms"], r["router"]["ttft_ms"]
-    print(f"prompt {r['prompt_tokens']} tokens, output {r['output_tokens']} tokens, loopback nodes")
+    print(f"prompt {r['prompt_tokens']} tokens, output {r['output_tokens']} tokens")
     print(f"TTFT direct  ms: p50 {d['p50']:.2f}  p90 {d['p90']:.2f}  p99 {d['p99']:.2f}")
     print(f"TTFT router  ms: p50 {v['p50']:.2f}  p90 {v['p90']:.2f}  p99 {v['p99']:.2f}")
     print(f"router adds  ms: p50 {v['p50'] - d['p50']:.2f}  p90 {v['p90'] - d['p90']:.2f}")
@@ -225,9 +241,10 @@ def _print(r: dict) -> None:
     print(f"TTFT router, chat with a text prompt (template + tokenizer) ms: p50 {c['p50']:.2f}  p90 {c['p90']:.2f}")
     print(f"E2E direct/router p50 ms: {r['direct']['e2e_ms']['p50']:.2f} / {r['router']['e2e_ms']['p50']:.2f}")
     for t in r["throughput"]:
+        cpu = (f"router CPU {t['router_cpu_ms_per_request']:.2f} ms/req ({t['router_cpu_util']:.0%} of a core; "
+               f"loopback decode {t['decode_nodes_cpu_util']:.0%})  " if "router_cpu_util" in t else "")
         print(f"concurrency {t['concurrency']:>4}: {t['requests_per_s']:8.1f} req/s  {t['output_tokens_per_s']:9.0f} "
-              f"tok/s  router CPU {t['router_cpu_ms_per_request']:.2f} ms/req ({t['router_cpu_util']:.0%} of a core; "
-              f"loopback decode {t['decode_nodes_cpu_util']:.0%})  failures {t['failures']}")
+              f"tok/s  {cpu}failures {t['failures']}")
 
 
 if __name__ == "__main__":
