@@ -84,7 +84,7 @@ class PrefillNode(NodeBase):
         step, jobs = self.sched.schedule()
         if step:
             try:
-                sampled = self._forward(step)
+                sampled = self.runner.step(step.seqs, step.reqs)
             except Exception as exc:
                 log.exception("prefill step failed")
                 for job in jobs:
@@ -98,14 +98,6 @@ class PrefillNode(NodeBase):
         for job in self.sched.expired(self.cfg.transfer.transfer_timeout_s):
             self._drop(job, ok=False, error="decode node never sent its page locations")
         return self.sched.num_jobs > 0
-
-    def _forward(self, step) -> dict[int, tuple]:
-        logits = self.runner.forward(step.seqs)
-        idx = [i for i, s in enumerate(step.seqs) if s.need_logits]
-        if not idx:
-            return {}
-        out = self.runner.sampler.sample(logits, [step.reqs[i] for i in idx])
-        return {i: (t, lp, top) for i, t, lp, top in zip(idx, out.token_ids, out.logprobs, out.top_logprobs)}
 
     def _poll_transfers(self) -> None:
         now = time.monotonic()

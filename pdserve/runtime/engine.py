@@ -114,7 +114,7 @@ class EngineCore:
         if not step:
             return outputs
         try:
-            sampled = self._forward_and_sample(step)
+            sampled = self.runner.step(step.seqs, step.reqs)
         except Exception as exc:  # a bad step fails its requests, never the engine
             log.exception("forward step failed")
             return outputs + self._fail(step, f"internal error: {exc}")
@@ -125,14 +125,6 @@ class EngineCore:
                 seen.add(id(req))
                 outputs.append(take_delta(req))
         return outputs
-
-    def _forward_and_sample(self, step: ScheduledStep) -> dict[int, tuple]:
-        logits = self.runner.forward(step.seqs)
-        idx = [i for i, s in enumerate(step.seqs) if s.need_logits]
-        if not idx:
-            return {}
-        out = self.runner.sampler.sample(logits, [step.reqs[i] for i in idx])
-        return {i: (t, lp, top) for i, t, lp, top in zip(idx, out.token_ids, out.logprobs, out.top_logprobs)}
 
     def _fail(self, step: ScheduledStep, error: str) -> list[RequestOutput]:
         outs = []

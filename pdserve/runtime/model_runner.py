@@ -161,3 +161,15 @@ class ModelRunner:
         self.attn.init_batch(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
         return self.model.compute_logits(hidden[batch.logits_idx])
+
+    def step(self, seqs: list[SeqChunk], reqs: list) -> dict[int, tuple]:
+        """Forward ``seqs`` and sample for those that need logits (``reqs[i]`` owns ``seqs[i]``).
+
+        Returns ``{i: (token_id, logprob, top_logprobs)}`` keyed by position in ``seqs``.
+        """
+        logits = self.forward(seqs)
+        idx = [i for i, s in enumerate(seqs) if s.need_logits]
+        if not idx:
+            return {}
+        out = self.sampler.sample(logits, [reqs[i] for i in idx])
+        return {i: (t, lp, top) for i, t, lp, top in zip(idx, out.token_ids, out.logprobs, out.top_logprobs)}
