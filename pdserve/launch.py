@@ -126,6 +126,13 @@ class Launcher:
         per_node = self.engine.parallel.tp * self.engine.parallel.dp
         roles = ([("colocated", "serve")] * self.launch.colocated if self.launch.colocated else
                  [("prefill", "prefill")] * self.launch.prefill + [("decode", "decode")] * self.launch.decode)
+        if not devices and self.engine.model.cpu_threads is None:
+            # CPU nodes sharing one machine: each gets its share of the cores. Two torch processes
+            # of 2 threads each on 2 cores spin against each other (OpenMP busy-waits) and a step
+            # can take many times longer than with one thread each.
+            share = max(1, (os.cpu_count() or 1) // len(roles))
+            self.engine = dataclasses.replace(self.engine,
+                                              model=dataclasses.replace(self.engine.model, cpu_threads=share))
         counts: dict[str, int] = {}
         for slot, (role, command) in enumerate(roles):
             index = counts[role] = counts.get(role, -1) + 1
