@@ -24,8 +24,12 @@ CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "What is th
 
 
 class Cluster:
+    """Loopback nodes + a router in this process. ttl_s=2: the nodes' heartbeat threads share the GIL
+    with the router, uvicorn and the client here, and a 1 s TTL lapsed now and then on a loaded box
+    (a live node dropped from the registry fails its in-flight requests, as it should)."""
+
     def __init__(self, tokenizer, redis_url: str, prefill=("p0",), decode=("d0",), colocated=(), *,
-                 token_delay_s: float = 0.0, prefill_modes: dict | None = None, ttl_s: float = 1.0, **router_kw):
+                 token_delay_s: float = 0.0, prefill_modes: dict | None = None, ttl_s: float = 2.0, **router_kw):
         self.board = TransferBoard()
         reply = tokenizer.encode(ANSWER)
         modes = prefill_modes or {}
