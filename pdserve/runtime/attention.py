@@ -88,19 +88,22 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float) -> torch.Tensor:
     """q ``[B, n, Hq, D]``, k/v ``[B, L, Hkv, D]``, mask ``[B, n, L]`` (True = attend) -> ``[B, n, Hq, D]``.
 
-    Query heads are grouped by the KV head they share (GQA), so K/V are never repeated.
+    The G query heads sharing a KV head are folded into the rows of one matmul per KV head
+    (``[G*n, D] @ [D, L]``), so K and V are each copied once into ``[B, Hkv, L, D]`` and never
+    repeated per query head (a broadcast matmul would expand them G times).
     """
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    qg = q.reshape(b, n, hkv, g, d).permute(0, 2, 3, 1, 4)        # [B, Hkv, G, n, D]
-    kt = k.to(q.dtype).permute(0, 2, 3, 1)[:, :, None]           # [B, Hkv, 1, D, L]
-    scores = torch.matmul(qg, kt) * scale                          # [B, Hkv, G, n, L]
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    qg = q.reshape(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)  # [B, Hkv, G*n, D]
+    kh = k.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
+    vh = v.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
+    scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale                          # [B, Hkv, G*n, L]
+    rows_mask = mask[:, None].expand(b, g, n, mask.shape[-1]).reshape(b, 1, g * n, -1)
+    scores = scores.masked_fill(~rows_mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    vh = v.to(q.dtype).permute(0, 2, 1, 3)[:, :, None]            # [B, Hkv, 1, L, D]
-    out = torch.matmul(probs, vh)                                  # [B, Hkv, G, n, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
+    out = torch.matmul(probs, vh)                                                     # [B, Hkv, G*n, D]
+    return out.reshape(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
