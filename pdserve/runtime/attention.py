@@ -99,7 +99,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kh = k.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
     vh = v.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
     scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale                          # [B, Hkv, G*n, L]
-    rows_mask = mask[:, None].expand(b, g, n, mask.shape[-1]).reshape(b, 1, g * n, -1)
+    rows_mask = mask[:, None].expand(b, g, n, mask.shape[-1]).reshape(b, 1, g * n, mask.shape[-1])
     scores = scores.masked_fill(~rows_mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, vh)                                                     # [B, Hkv, G*n, D]
