@@ -285,7 +285,10 @@ def test_nodes_and_metrics_endpoints(cluster_factory):
     nodes = c.http.get("/nodes").json()
     assert {n["node_id"]: n["role"] for n in nodes["nodes"]} == {"p0": "prefill", "d0": "decode"}
     assert nodes["registry_connected"] and all(n["load"]["total_pages"] == 128 for n in nodes["nodes"])
-    text = c.http.get("/metrics").text
+    deadline = time.time() + 10            # the prefill node's status may trail the response
+    while 'pdserve_transfer_gbps{prefill_node="p0"}' not in (text := c.http.get("/metrics").text) \
+            and time.time() < deadline:
+        time.sleep(0.1)
     for name in ("pdserve_router_ttft_seconds_count 1.0", "pdserve_router_e2e_seconds_count 1.0",
                  'pdserve_router_requests_total{endpoint="chat",status="200"} 1.0',
                  'pdserve_node_free_pages{node_id="d0",role="decode"} 128.0', "pdserve_transfer_kv_bytes_total",
