@@ -91,7 +91,8 @@ class PrefillNode(NodeBase):
                     self._drop(job, ok=False, error=f"prefill failed: {exc}")
                 return True
             self.sched.commit(step, jobs, sampled)
-            log.debug("step: %s", [(j.rid, s.num_new_tokens) for j, s in zip(jobs, step.seqs)])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step: %s", [(j.rid, s.num_new_tokens) for j, s in zip(jobs, step.seqs)])
             for job in jobs:
                 self._push_ready_pages(job)
         self._check_sending()
