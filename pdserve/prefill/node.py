@@ -21,7 +21,7 @@ from pdserve.protocol import AbortReq, FirstToken, NodeMessage, PrefillReq, Pref
 from pdserve.runtime.engine import make_generator, validate_request
 from pdserve.runtime.kv_manager import KVManager, pages_for
 from pdserve.runtime.request import Request
-from pdserve.transfer import DestReady, KVSender, TransferCancelled, TransferState
+from pdserve.transfer import DestReady, KVSender, TransferCancelled, TransferSent
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,6 @@ class PrefillNode(NodeBase):
                 log.debug("step: %s", [(j.rid, s.num_new_tokens) for j, s in zip(jobs, step.seqs)])
             for job in jobs:
                 self._push_ready_pages(job)
-        self._check_sending()
         for job in self.sched.expired(self.cfg.transfer.transfer_timeout_s):
             self._drop(job, ok=False, error="decode node never sent its page locations")
         return self.sched.num_jobs > 0
@@ -111,6 +110,8 @@ class PrefillNode(NodeBase):
                     continue
                 job.dst_pages = list(ev.dst_page_ids)
                 self._push_ready_pages(job)
+            elif isinstance(ev, TransferSent) and job is not None:
+                self._drop(job, ok=True, cache=True)   # KV and first token are on decode
             elif isinstance(ev, TransferCancelled) and job is not None:
                 self._drop(job, ok=False, error=f"transfer cancelled: {ev.reason}")
         stale = [t for t, (ts, _) in self.early_dests.items() if now - ts > self.cfg.transfer.transfer_timeout_s]
@@ -137,16 +138,6 @@ class PrefillNode(NodeBase):
                                cached_tokens=req.num_cached)
             self.sender.finish(job.transfer_id, msgspec.msgpack.encode(first))
             job.finish_called = True
-
-    def _check_sending(self) -> None:
-        for job in list(self.sched.sending):
-            if not job.finish_called:
-                continue
-            state = self.sender.state(job.transfer_id)
-            if state is TransferState.DONE:
-                self._drop(job, ok=True, cache=True)
-            elif state in (TransferState.FAILED, TransferState.CANCELLED):
-                self._drop(job, ok=False, error=f"transfer {state.name.lower()}")
 
     def _drop(self, job: PrefillJob, *, ok: bool, error: str | None = None, cache: bool = False,
               notify_router: bool = True) -> None:
