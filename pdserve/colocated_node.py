@@ -61,7 +61,7 @@ class ColocatedNode(NodeBase):
             self.send(reply_to, token_out(out))
             if out.finished:
                 del self.reply_to[out.rid]
-        return self.core.scheduler.num_requests > 0
+        return self.core.has_work
 
     def load(self) -> dict:
         return self.core.load()

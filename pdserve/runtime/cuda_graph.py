@@ -141,7 +141,7 @@ class CudaGraphRunner:
                                max_extend_len=1)
         ids, pos, slots = self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket]
         return ForwardBatch(seqs=[], input_ids=ids, positions=pos, out_loc=slots, q_starts=list(range(bucket)),
-                            kv_locs=[], logits_idx=torch.arange(bucket, device=ids.device), is_decode=True,
+                            logits_idx=torch.arange(bucket, device=ids.device), is_decode=True,
                             extras={"triton": meta})
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
@@ -192,9 +192,11 @@ class CudaGraphRunner:
         return max_pages <= self.attn.buffers.max_pages_per_seq
 
     @torch.inference_mode()
-    def run(self, seqs: list[SeqChunk]) -> torch.Tensor:
+    def run(self, seqs: list[SeqChunk], future: list[tuple[int, int]] | None = None,
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` fp32 of a decode batch (``can_run`` must hold); a view, valid until
-        the next ``run``."""
+        the next ``run``. ``future``: ``(row, i)`` pairs whose input id is ``tokens[i]`` (the step
+        in flight samples it), filled on the device before the replay."""
         bucket = bucket_for(len(seqs), self.buckets)
         if bucket is None or bucket not in self.graphs:
             raise ValueError(f"batch of {len(seqs)} has no captured graph (max {self.max_bs})")
@@ -205,8 +207,11 @@ class CudaGraphRunner:
         self.inputs[:, :bucket].copy_(self.host_inputs[:, :bucket], non_blocking=self.copy_done is not None)
         if self.copy_done is not None:
             self.copy_done.record()
+        if future:
+            from pdserve.runtime.model_runner import resolve_future
+            resolve_future(self.inputs[0], future, tokens)
         batch = ForwardBatch(seqs=seqs, input_ids=self.inputs[0, :len(seqs)], positions=self.inputs[1, :len(seqs)],
-                             out_loc=self.inputs[2, :len(seqs)], q_starts=list(range(len(seqs))), kv_locs=[],
+                             out_loc=self.inputs[2, :len(seqs)], q_starts=list(range(len(seqs))),
                              logits_idx=self.inputs[0, :0], is_decode=True)
         self.attn.init_batch(batch)  # fills the fixed page table / seq_lens in place
         if batch.extras["triton"].page_table is not self.attn.buffers.page_table:

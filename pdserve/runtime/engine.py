@@ -2,6 +2,14 @@
 
 ``EngineCore.step()`` = schedule (plain data) -> forward -> sample -> commit, and returns what
 each request gained this step. A failed step fails only the requests in it; the engine goes on.
+
+Overlap scheduling (CUDA, unless --disable-overlap-schedule): ``step()`` plans and launches step
+N+1 while step N still runs on the GPU, then waits for N's tokens and commits them, so the host's
+scheduling, batch building and output handling hide behind device work. Step N+1 reads N's
+sampled ids on the device (``FUTURE_TOKEN``). The price: a request that hits a stop token in N
+has one wasted row in N+1 (discarded), and its pages are released only once N+1 is done. Steps
+that cannot be planned ahead (penalties need the previous token on the host; a retraction needs
+N's results) run after N completes, as in the synchronous loop.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 from pdserve.config import EngineConfig, engine_config
 from pdserve.protocol import TokenLogprob
 from pdserve.runtime.kv_manager import KVManager
-from pdserve.runtime.model_runner import ModelRunner
+from pdserve.runtime.model_runner import LaunchedStep, ModelRunner
 from pdserve.runtime.request import Request
 from pdserve.runtime.scheduler import ScheduledStep, Scheduler
 from pdserve.sampling_params import SamplingParams, sampling_params_from
@@ -72,8 +80,15 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
+@dataclass
+class InFlight:
+    step: ScheduledStep
+    launched: LaunchedStep
+
+
 class EngineCore:
-    def __init__(self, cfg: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, runner: ModelRunner | None = None, overlap: bool | None = None) -> None:
+        """``overlap``: None = on for CUDA unless --disable-overlap-schedule (tests force it on CPU)."""
         self.cfg = cfg
         self.runner = runner or ModelRunner(cfg)
         self.kv = KVManager(self.runner.pool.num_pages, cfg.cache.page_size,
@@ -81,7 +96,13 @@ class EngineCore:
         max_running = cfg.scheduler.max_running_requests or min(256, self.kv.num_pages)
         self.scheduler = Scheduler(cfg.scheduler, self.kv, max_running, self.runner.context_length)
         self.eos_ids = frozenset(self.runner.loaded.eos_token_ids)
+        if overlap is None:
+            overlap = self.runner.device.type == "cuda" and not cfg.kernel.disable_overlap_schedule
+        self.overlap = overlap
         self._pending: list[RequestOutput] = []   # outputs produced outside step() (aborts)
+        self._inflight: InFlight | None = None    # launched, not yet committed
+        self._unreleased: list[Request] = []      # finished while a launched step may still write their pages
+        self.num_overlapped = 0                   # steps launched before the previous one completed
 
     @property
     def vocab_size(self) -> int:
@@ -99,37 +120,94 @@ class EngineCore:
         return req
 
     def abort(self, rid: str, reason: str = "abort") -> bool:
-        req = self.scheduler.abort(rid, reason)
-        if req is not None:
-            self._pending.append(take_delta(req))
-        return req is not None
+        req = self.scheduler.abort(rid, reason, release=self._inflight is None)
+        if req is None:
+            return False
+        if self._inflight is not None:
+            self._unreleased.append(req)
+        self._pending.append(take_delta(req))
+        return True
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.num_requests > 0 or bool(self._pending)
+        return self.scheduler.num_requests > 0 or bool(self._pending) or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Launch the next step and commit the previous one (overlap), or run one step (sync)."""
         outputs, self._pending = self._pending, []
-        step = self.scheduler.schedule()
-        if not step:
-            return outputs
+        prev, self._inflight = self._inflight, None
+        step = self._plan(prev)
+        if step is None:  # could not be planned ahead: finish the step in flight first
+            outputs += self._complete(prev)
+            prev, step = None, self.scheduler.schedule()
+        if step:
+            self._launch(step, prev, outputs)
+            self.num_overlapped += prev is not None
+        if prev is not None:
+            outputs += self._complete(prev)
+        if self._inflight is not None and not self.overlap:
+            inflight, self._inflight = self._inflight, None
+            outputs += self._complete(inflight)
+        if self._inflight is None and self._unreleased:
+            self.scheduler.release_finished(self._unreleased)
+            self._unreleased = []
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Complete the step in flight (if any) and release what waited for it."""
+        outputs, self._pending = self._pending, []
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            outputs += self._complete(inflight)
+        self.scheduler.release_finished(self._unreleased)
+        self._unreleased = []
+        return outputs
+
+    def _plan(self, prev: InFlight | None) -> ScheduledStep | None:
+        if prev is None:
+            return self.scheduler.schedule()
+        if not self.overlap or any(r.params.has_penalties for r in self.scheduler.running):
+            return None
+        return self.scheduler.schedule(allow_retract=False)
+
+    def _launch(self, step: ScheduledStep, prev: InFlight | None, outputs: list[RequestOutput]) -> None:
         try:
-            sampled = self.runner.step(step.seqs, step.reqs)
+            launched = self.runner.launch(step.seqs, step.reqs, prev.launched if prev else None)
         except Exception as exc:  # a bad step fails its requests, never the engine
             log.exception("forward step failed")
-            return outputs + self._fail(step, f"internal error: {exc}")
-        self.scheduler.commit(step, sampled)
-        seen = set()
-        for req in step.reqs:
+            outputs += self._fail(step, f"internal error: {exc}", in_flight=prev is not None)
+            return
+        self.scheduler.mark_launched(step)
+        self._inflight = InFlight(step, launched)
+
+    def _complete(self, inflight: InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and commit them."""
+        unreleased, self._unreleased = self._unreleased, []
+        try:
+            sampled = inflight.launched.result()
+        except Exception as exc:
+            log.exception("forward step failed")
+            self._unreleased = unreleased
+            return self._fail(inflight.step, f"internal error: {exc}", in_flight=self._inflight is not None)
+        self.scheduler.release_finished(unreleased)  # the step that could still write them is done
+        done_before = {id(r) for r in inflight.step.reqs if r.is_finished}
+        finished = self.scheduler.commit(inflight.step, sampled, release=self._inflight is None)
+        if self._inflight is not None:
+            self._unreleased += finished
+        outputs, seen = [], set(done_before)
+        for req in inflight.step.reqs:
             if id(req) not in seen and (req.num_sent < len(req.output_ids) or req.is_finished):
                 seen.add(id(req))
                 outputs.append(take_delta(req))
         return outputs
 
-    def _fail(self, step: ScheduledStep, error: str) -> list[RequestOutput]:
+    def _fail(self, step: ScheduledStep, error: str, in_flight: bool) -> list[RequestOutput]:
         outs = []
         for req in {id(r): r for r in step.reqs}.values():
-            self.scheduler.abort(req.rid, "error")
+            if req.is_finished:
+                continue
+            if self.scheduler.abort(req.rid, "error", release=not in_flight) is not None and in_flight:
+                self._unreleased.append(req)
             req.error = error
             outs.append(take_delta(req))
         return outs
@@ -172,6 +250,7 @@ class Engine:
         reqs = {rid: self.core.add_request(rid, ids, p) for rid, (ids, p) in zip(rids, items)}
         while any(not r.is_finished for r in reqs.values()):
             self.core.step()
+        self.core.drain()  # a step launched ahead may still hold finished requests' pages
         return [self._result(reqs[rid]) for rid in rids]
 
     def stream(self, prompt, sampling_params=None) -> Iterator[dict]:

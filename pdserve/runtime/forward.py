@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+FUTURE_TOKEN = -1   # input id of a token that the step in flight is still sampling (overlap scheduling)
+
 
 @dataclass
 class SeqChunk:
@@ -36,7 +38,6 @@ class ForwardBatch:
     positions: torch.Tensor        # [T] int64
     out_loc: torch.Tensor          # [T] int64, slot where each new token's K/V goes
     q_starts: list[int]            # per seq, offset of its first new token in the T axis
-    kv_locs: list[torch.Tensor]    # per seq, [kv_len] slots of its whole context (after the step)
     logits_idx: torch.Tensor       # [N] token indices whose logits are needed (N = seqs needing them)
     is_decode: bool                # every seq has exactly one new token
     extras: dict = field(default_factory=dict)  # backend-specific metadata (e.g. Triton page tables)
@@ -50,38 +51,40 @@ class ForwardBatch:
         return len(self.seqs)
 
 
-def page_slots(page_ids: list[int], length: int, page_size: int) -> torch.Tensor:
-    """Slots of the first ``length`` tokens of a page table -> [length] int64."""
-    pages = torch.tensor(page_ids, dtype=torch.int64)
+def page_slots(page_ids: list[int], start: int, end: int, page_size: int) -> torch.Tensor:
+    """Slots of tokens ``[start, end)`` of a page table -> ``[end - start]`` int64."""
+    if -(-end // page_size) > len(page_ids):
+        raise ValueError(f"page table covers {len(page_ids) * page_size} tokens, need {end}")
+    first, last = start // page_size, -(-end // page_size)
+    pages = torch.tensor(page_ids[first:last], dtype=torch.int64)
     slots = (pages[:, None] * page_size + torch.arange(page_size, dtype=torch.int64)[None, :]).reshape(-1)
-    if slots.numel() < length:
-        raise ValueError(f"page table covers {slots.numel()} tokens, need {length}")
-    return slots[:length]
+    return slots[start - first * page_size:end - first * page_size]
 
 
 def build_forward_batch(seqs: list[SeqChunk], page_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
     ids: list[int] = []
     positions: list[int] = []
     q_starts: list[int] = []
-    kv_locs: list[torch.Tensor] = []
     out_locs: list[torch.Tensor] = []
     logits_idx: list[int] = []
     for s in seqs:
         q_starts.append(len(ids))
         ids.extend(s.input_ids)
         positions.extend(range(s.start_pos, s.kv_len))
-        slots = page_slots(s.page_ids, s.kv_len, page_size)
-        kv_locs.append(slots.to(device))
-        out_locs.append(slots[s.start_pos:])
+        out_locs.append(page_slots(s.page_ids, s.start_pos, s.kv_len, page_size))
         if s.need_logits:
             logits_idx.append(len(ids) - 1)
     return ForwardBatch(
         seqs=seqs,
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        out_loc=torch.cat(out_locs).to(device) if out_locs else torch.empty(0, dtype=torch.int64, device=device),
+        input_ids=_to(torch.tensor(ids, dtype=torch.int64), device),
+        positions=_to(torch.tensor(positions, dtype=torch.int64), device),
+        out_loc=_to(torch.cat(out_locs), device) if out_locs else torch.empty(0, dtype=torch.int64, device=device),
         q_starts=q_starts,
-        kv_locs=kv_locs,
-        logits_idx=torch.tensor(logits_idx, dtype=torch.int64, device=device),
+        logits_idx=_to(torch.tensor(logits_idx, dtype=torch.int64), device),
         is_decode=all(s.num_new_tokens == 1 for s in seqs),
     )
+
+
+def _to(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without waiting for the device (pageable memory is staged by the call)."""
+    return t.to(device, non_blocking=True)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig
 from pdserve.runtime.attention import make_attention_backend
-from pdserve.runtime.forward import SeqChunk, build_forward_batch
+from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk, build_forward_batch
 from pdserve.runtime.kv_pool import KVLayout, KVPool
-from pdserve.runtime.sampler import Sampler
+from pdserve.runtime.sampler import PendingSample, Sampler, to_device
 
 log = logging.getLogger(__name__)
 
@@ -153,23 +154,67 @@ class ModelRunner:
         return self.loaded.fingerprint
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqChunk]) -> torch.Tensor:
-        """Run one step; returns logits ``[N, vocab]`` for the seqs with ``need_logits``."""
+    def forward(self, seqs: list[SeqChunk], prev: LaunchedStep | None = None) -> torch.Tensor:
+        """Run one step; returns logits ``[N, vocab]`` for the seqs with ``need_logits``.
+
+        Input ids equal to ``FUTURE_TOKEN`` are the tokens ``prev`` (still in flight) is sampling
+        for the same request: they are read from its device tensor, without waiting for it.
+        """
+        future = future_rows(seqs, prev)
         if self.graphs is not None and self.graphs.can_run(seqs):
-            return self.graphs.run(seqs)
+            return self.graphs.run(seqs, future, prev.sample.tokens if future else None)
         batch = build_forward_batch(seqs, self.layout.page_size, self.device)
+        if future:
+            resolve_future(batch.input_ids, future, prev.sample.tokens)
         self.attn.init_batch(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
         return self.model.compute_logits(hidden[batch.logits_idx])
 
-    def step(self, seqs: list[SeqChunk], reqs: list) -> dict[int, tuple]:
-        """Forward ``seqs`` and sample for those that need logits (``reqs[i]`` owns ``seqs[i]``).
-
-        Returns ``{i: (token_id, logprob, top_logprobs)}`` keyed by position in ``seqs``.
-        """
-        logits = self.forward(seqs)
+    def launch(self, seqs: list[SeqChunk], reqs: list, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue forward + sampling of ``seqs`` (``reqs[i]`` owns ``seqs[i]``) on the device."""
+        logits = self.forward(seqs, prev)
         idx = [i for i, s in enumerate(seqs) if s.need_logits]
         if not idx:
+            return LaunchedStep(None, [], {})
+        sample = self.sampler.launch(logits, [reqs[i] for i in idx])
+        return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)})
+
+    def step(self, seqs: list[SeqChunk], reqs: list) -> dict[int, tuple]:
+        """Forward ``seqs`` and sample, waiting for the result: ``{i: (token_id, logprob, top)}``
+        keyed by position in ``seqs``."""
+        return self.launch(seqs, reqs).result()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. ``rows[rid]`` is the request's row in ``sample.tokens``."""
+    sample: PendingSample | None
+    idx: list[int]
+    rows: dict[str, int]
+
+    def result(self) -> dict[int, tuple]:
+        if self.sample is None:
             return {}
-        out = self.sampler.sample(logits, [reqs[i] for i in idx])
-        return {i: (t, lp, top) for i, t, lp, top in zip(idx, out.token_ids, out.logprobs, out.top_logprobs)}
+        out = self.sample.result()
+        return {i: (t, lp, top) for i, t, lp, top in zip(self.idx, out.token_ids, out.logprobs, out.top_logprobs)}
+
+
+def future_rows(seqs: list[SeqChunk], prev: LaunchedStep | None) -> list[tuple[int, int]]:
+    """``(token index in the step, row of prev's samples)`` for every ``FUTURE_TOKEN`` input."""
+    out, t = [], 0
+    for s in seqs:
+        for j, tok in enumerate(s.input_ids):
+            if tok == FUTURE_TOKEN:
+                if prev is None or prev.sample is None or s.rid not in prev.rows or j != len(s.input_ids) - 1:
+                    raise RuntimeError(f"request {s.rid}: input token {s.start_pos + j} is not being sampled "
+                                       f"by the step in flight")
+                out.append((t + j, prev.rows[s.rid]))
+        t += len(s.input_ids)
+    return out
+
+
+def resolve_future(input_ids: torch.Tensor, future: list[tuple[int, int]], tokens: torch.Tensor) -> None:
+    """Fill the future positions of ``input_ids`` from ``tokens`` on the device (no host wait)."""
+    pos, rows = zip(*future)
+    dev = input_ids.device
+    input_ids[to_device(list(pos), torch.int64, dev)] = tokens[to_device(list(rows), torch.int64, dev)]

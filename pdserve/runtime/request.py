@@ -27,7 +27,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)   # page table; owns one ref per page
     num_cached: int = 0          # prompt tokens served by the prefix cache at admission
-    num_computed: int = 0        # tokens whose K/V is in the pool
+    num_computed: int = 0        # tokens whose K/V is in the pool (or being written by a launched step)
+    num_future: int = 0          # tokens sampled by a launched step, not yet known here (overlap: 0 or 1)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     matched_stop: int | None = None
@@ -46,7 +47,13 @@ class Request:
 
     @property
     def seq_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens in the sequence, counting ``num_future`` tokens a launched step is sampling."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_future
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens, known or being sampled."""
+        return len(self.output_ids) + self.num_future
 
     @property
     def num_pending(self) -> int:

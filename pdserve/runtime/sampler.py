@@ -4,6 +4,12 @@ Logprobs are those of the model's own distribution (log-softmax of the raw logit
 penalties and temperature), as vLLM reports by default. Greedy rows take the argmax after
 penalties. Sampled rows draw with the exponential-race trick (argmax of p / E, E ~ Exp(1)) so
 a per-request ``torch.Generator`` seeds exactly its own row.
+
+``launch`` queues the whole draw on the device and returns a ``PendingSample`` (device tensors
+plus a non-blocking copy to host); ``result`` waits for it. Between the two the engine plans and
+launches the next step, whose inputs read the sampled ids on the device (overlap scheduling).
+Nothing in ``launch`` waits for the device, unless penalties or a mixed greedy/sampled batch
+need host-built indices (small blocking copies).
 """
 
 from __future__ import annotations
@@ -23,6 +29,48 @@ class SampleOutput:
     top_logprobs: list[list[TokenLogprob] | None]
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device (pageable host memory is
+    staged by the copy call itself, so the list may go away at once)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+class PendingSample:
+    """A draw queued on the device: ``tokens`` (device, ``[N]``) is usable at once by later device
+    work; ``result()`` waits and returns host values."""
+
+    def __init__(self, reqs: list[Request], tokens: torch.Tensor, chosen: torch.Tensor | None,
+                 top: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.reqs = reqs
+        self.tokens = tokens
+        host = [tokens, *([chosen] if chosen is not None else []), *(top or ())]
+        self._host = [t.to("cpu", non_blocking=True) for t in host]  # pinned on CUDA
+        self._event = None
+        if tokens.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._has_lp, self._has_top = chosen is not None, top is not None
+
+    def result(self) -> SampleOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        token_list = self._host[0].tolist()
+        n = len(self.reqs)
+        lps: list[float | None] = [None] * n
+        tops: list[list[TokenLogprob] | None] = [None] * n
+        if self._has_lp:
+            chosen = self._host[1].tolist()
+            top_v, top_i = (self._host[2].tolist(), self._host[3].tolist()) if self._has_top else ([], [])
+            for i, r in enumerate(self.reqs):
+                if not r.params.logprobs:
+                    continue
+                lps[i] = chosen[i]
+                k = r.params.top_logprobs
+                if k:
+                    tops[i] = [TokenLogprob(t, v) for t, v in zip(top_i[i][:k], top_v[i][:k])]
+        return SampleOutput(token_list, lps, tops)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.vocab_size = vocab_size
@@ -31,32 +79,33 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleOutput:
         """logits ``[N, V]`` (any float dtype; padded vocab is cut) -> one token per request."""
+        return self.launch(logits, reqs).result()
+
+    def launch(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
+        """Queue the draw for ``logits [N, V]``; see ``PendingSample``."""
         logits = logits[:, :self.vocab_size].float()
-        want_lp = [r.params.logprobs for r in reqs]
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # [N, V]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in reqs) else None  # [N, V]
         logits = self._apply_penalties(logits, reqs)
-        tokens = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
-        greedy = [i for i, r in enumerate(reqs) if r.params.is_greedy]
-        sampled = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if sampled:
-            tokens[sampled] = self._sample_rows(logits[sampled], [reqs[i] for i in sampled])
-        token_list = tokens.tolist()
-        lps: list[float | None] = [None] * len(reqs)
-        tops: list[list[TokenLogprob] | None] = [None] * len(reqs)
+        tokens = self._draw(logits, reqs)
+        chosen = top = None
         if raw_lp is not None:
-            chosen = raw_lp.gather(1, tokens[:, None])[:, 0].tolist()
+            chosen = raw_lp.gather(1, tokens[:, None])[:, 0]
             k = max(r.params.top_logprobs for r in reqs)
-            top_v, top_i = (raw_lp.topk(k, dim=-1) if k else (None, None))
-            for i, r in enumerate(reqs):
-                if not r.params.logprobs:
-                    continue
-                lps[i] = chosen[i]
-                n = r.params.top_logprobs
-                if n:
-                    tops[i] = [TokenLogprob(t, v) for t, v in zip(top_i[i, :n].tolist(), top_v[i, :n].tolist())]
-        return SampleOutput(token_list, lps, tops)
+            top = tuple(raw_lp.topk(k, dim=-1)) if k else None
+        return PendingSample(reqs, tokens, chosen, top)
+
+    def _draw(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        greedy = [i for i, r in enumerate(reqs) if r.params.is_greedy]
+        if len(greedy) == len(reqs):
+            return logits.argmax(dim=-1)
+        if not greedy:
+            return self._sample_rows(logits, reqs)
+        sampled = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
+        tokens = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        g, s = (to_device(x, torch.int64, logits.device) for x in (greedy, sampled))
+        tokens[g] = logits[g].argmax(dim=-1)
+        tokens[s] = self._sample_rows(logits[s], [reqs[i] for i in sampled])
+        return tokens
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(reqs) if r.params.has_penalties or _blocks_stop(r)]
@@ -82,7 +131,7 @@ class Sampler:
     def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logits ``[M, V]`` of rows that sample -> ``[M]`` token ids."""
         dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in reqs], device=dev)[:, None]
+        temps = to_device([r.params.temperature for r in reqs], torch.float32, dev)[:, None]
         probs = torch.softmax(logits / temps, dim=-1)
         probs = _filter(probs, reqs)
         noise = torch.empty_like(probs)
@@ -93,7 +142,7 @@ class Sampler:
 
 
 def _blocks_stop(r: Request) -> bool:
-    return len(r.output_ids) < r.params.min_new_tokens
+    return r.num_outputs < r.params.min_new_tokens
 
 
 def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -106,11 +155,11 @@ def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     dev, vocab = probs.device, probs.shape[-1]
     sorted_p, order = probs.sort(dim=-1, descending=True)           # [M, V]
     rank = torch.arange(vocab, device=dev)[None, :]
-    k = torch.tensor([vocab if x == -1 else x for x in top_k], device=dev)[:, None]
+    k = to_device([vocab if x == -1 else x for x in top_k], torch.int64, dev)[:, None]
     drop = rank >= k
     cum = sorted_p.cumsum(dim=-1)
-    drop |= (cum - sorted_p) > torch.tensor(top_p, device=dev)[:, None]  # keep the token that crosses p
-    drop |= sorted_p < torch.tensor(min_p, device=dev)[:, None] * sorted_p[:, :1]
+    drop |= (cum - sorted_p) > to_device(top_p, torch.float32, dev)[:, None]  # keep the token that crosses p
+    drop |= sorted_p < to_device(min_p, torch.float32, dev)[:, None] * sorted_p[:, :1]
     drop[:, 0] = False
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_p)

@@ -8,6 +8,12 @@ only if its chunk and a reserve for the running batch's future output fit in the
 longer than ``chunked_prefill_size`` takes several steps. ``schedule`` returns plain data (no model
 involved); ``commit`` applies the sampled tokens and retires finished requests, whose pages go to
 the prefix cache.
+
+Overlap (the engine plans step N+1 while step N runs on the GPU): ``mark_launched`` advances a
+step's counts before its tokens are known (``req.num_future``); a decode request whose next input
+is still being sampled gets ``FUTURE_TOKEN`` as its input id, resolved on the device by the runner.
+Planned ahead, ``schedule(allow_retract=False)`` returns None instead of retracting: retraction
+must see the previous step's results.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.config import SchedulerConfig
-from pdserve.runtime.forward import SeqChunk
+from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk
 from pdserve.runtime.kv_manager import KVManager, pages_for
 from pdserve.runtime.request import Request, Status
 
@@ -27,6 +33,7 @@ RESERVE_CLIP_TOKENS = 4096     # a request's future output counted in the reserv
 class ScheduledStep:
     reqs: list[Request]
     seqs: list[SeqChunk]        # seqs[i] belongs to reqs[i]
+    launched: bool = False      # mark_launched ran: counts already advanced
 
     @property
     def sampling_reqs(self) -> list[Request]:
@@ -53,13 +60,16 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def abort(self, rid: str, reason: str = "abort") -> Request | None:
+    def abort(self, rid: str, reason: str = "abort", release: bool = True) -> Request | None:
+        """Finish and drop a request; its pages go back unless ``release`` is False (a step in
+        flight may still write them: the caller releases them later with ``release_finished``)."""
         for queue in (self.waiting, self.running):
             for req in queue:
                 if req.rid == rid:
                     queue.remove(req)
-                    self.kv.release(req, cache=False)
                     req.finish(reason)
+                    if release:
+                        self.release_finished([req])
                     return req
         return None
 
@@ -68,19 +78,28 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # -- one step -----------------------------------------------------------------------------
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, allow_retract: bool = True) -> ScheduledStep | None:
+        """The next step; None when it needs a retraction and ``allow_retract`` is False."""
         step = ScheduledStep([], [])
-        self._schedule_decode(step)
+        if not self._schedule_decode(step, allow_retract):
+            return None
         self._schedule_prefill(step)
         if not any(r.is_prefilling for r in self.running):
             self.new_token_ratio = max(self.min_token_ratio, self.new_token_ratio - 0.001)
         return step
 
-    def _schedule_decode(self, step: ScheduledStep) -> None:
+    def _will_finish(self, req: Request) -> bool:
+        """A token being sampled ends the request by length: no step for it after that one."""
+        return req.num_future > 0 and (req.num_outputs >= req.params.max_new_tokens
+                                       or req.seq_len >= self.max_seq_len)
+
+    def _schedule_decode(self, step: ScheduledStep, allow_retract: bool) -> bool:
         for req in sorted((r for r in self.running if not r.is_prefilling), key=lambda r: r.arrival_time):
-            if req.status is not Status.RUNNING:
-                continue  # retracted by an earlier iteration
+            if req.status is not Status.RUNNING or self._will_finish(req):
+                continue  # retracted by an earlier iteration, or ends with the step in flight
             while not self.kv.ensure_capacity(req, req.seq_len):
+                if not allow_retract:
+                    return False
                 # Decode requests are visited oldest first, so the newest is never one already
                 # placed in this step; retract it (possibly ``req`` itself) until ``req`` fits.
                 victim = max(self.running, key=lambda r: r.arrival_time)
@@ -90,6 +109,7 @@ class Scheduler:
             if req.status is Status.RUNNING:
                 step.reqs.append(req)
                 step.seqs.append(_chunk(req, 1))
+        return True
 
     def _schedule_prefill(self, step: ScheduledStep) -> None:
         budget = self.cfg.max_prefill_tokens
@@ -147,26 +167,51 @@ class Scheduler:
         self.new_token_ratio = self.init_token_ratio
 
     # -- after the forward --------------------------------------------------------------------
-    def commit(self, step: ScheduledStep, sampled: dict[int, tuple]) -> list[Request]:
-        """Advance computed counts; ``sampled[i] = (token, logprob, top)`` for step index i.
+    def mark_launched(self, step: ScheduledStep) -> None:
+        """The step is on the device: its K/V counts as computed, its samples as pending."""
+        for req, seq in zip(step.reqs, step.seqs):
+            req.num_computed += seq.num_new_tokens
+            req.num_future += seq.need_logits
+        step.launched = True
 
-        Returns the requests that finished in this step (already out of ``running``).
+    def commit(self, step: ScheduledStep, sampled: dict[int, tuple], release: bool = True) -> list[Request]:
+        """Apply ``sampled[i] = (token, logprob, top)`` for step index i (advancing the counts
+        first unless ``mark_launched`` did).
+
+        Returns the requests that finished in this step, already out of ``running``; their pages
+        are released here unless ``release`` is False (a later step in flight may still write
+        them: the caller releases them with ``release_finished`` once it is done). Requests
+        finished before this step (an abort, a stop token seen one step earlier) are skipped.
         """
         finished = []
         for i, (req, seq) in enumerate(zip(step.reqs, step.seqs)):
-            req.num_computed += seq.num_new_tokens
-            if i in sampled and not req.is_finished:
+            if step.launched:
+                req.num_future -= seq.need_logits
+            else:
+                req.num_computed += seq.num_new_tokens
+            if req.is_finished:
+                continue
+            if i in sampled:
                 req.append_token(*sampled[i])
                 if not req.is_finished and req.seq_len >= self.max_seq_len:
                     req.finish("length")
             if req.is_finished:
                 self.running.remove(req)
-                self.kv.release(req, cache=True)
                 finished.append(req)
+        if release:
+            self.release_finished(finished)
         return finished
+
+    def release_finished(self, reqs: list[Request]) -> None:
+        """Give finished requests' pages back; those that ran to a natural end (stop, length)
+        offer their computed pages to the prefix cache first."""
+        for req in reqs:
+            self.kv.release(req, cache=req.error is None and req.finish_reason in ("stop", "length"))
 
 
 def _chunk(req: Request, n: int) -> SeqChunk:
     start = req.num_computed
-    return SeqChunk(rid=req.rid, input_ids=req.all_ids[start:start + n], start_pos=start,
+    ids = req.all_ids[start:start + n]
+    ids += [FUTURE_TOKEN] * (n - len(ids))  # the tail an in-flight step is sampling
+    return SeqChunk(rid=req.rid, input_ids=ids, start_pos=start,
                     page_ids=list(req.page_ids), need_logits=start + n == req.seq_len)

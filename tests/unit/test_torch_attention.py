@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pdserve.runtime.attention import TorchAttention, reference_attention
-from pdserve.runtime.forward import SeqChunk, build_forward_batch
+from pdserve.runtime.forward import SeqChunk, build_forward_batch, page_slots
 from pdserve.runtime.kv_pool import KVLayout, KVPool
 
 
@@ -27,7 +27,8 @@ def test_mixed_batch_matches_reference(hq, hkv):
     q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
     att.init_batch(step)
     out = att.forward(1, q, k, v, step, 0.3)
-    for seq, q0, loc in zip(step.seqs, step.q_starts, step.kv_locs):
+    for seq, q0 in zip(step.seqs, step.q_starts):
+        loc = page_slots(seq.page_ids, 0, seq.kv_len, ps)
         keys, values = pool.gather(1, loc)
         ref = reference_attention(q[q0:q0 + seq.num_new_tokens], keys, values, seq.start_pos, 0.3)
         torch.testing.assert_close(out[q0:q0 + seq.num_new_tokens], ref, atol=1e-5, rtol=1e-5)
