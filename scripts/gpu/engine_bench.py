@@ -233,6 +233,37 @@ def pdserve_decode_ms(runner, batch: int, ctx: int, steps: int, warmup: int) -> 
     return (time.perf_counter() - start) / steps * 1e3
 
 
+def pdserve_engine_decode_ms(runner, batch: int, ctx: int, steps: int, warmup: int, overlap: bool) -> float:
+    """Mean ms per decode step of the whole engine loop (``EngineCore.step``: schedule, forward,
+    sample, commit, outputs), ``batch`` requests entering with ``ctx`` tokens already in the pool
+    (as after a KV transfer on a decode node), with or without overlap scheduling."""
+    from pdserve.runtime.engine import EngineCore
+    from pdserve.sampling_params import SamplingParams
+
+    core = EngineCore(runner.cfg, runner, overlap=overlap)
+    params = SamplingParams(temperature=0, max_new_tokens=warmup + steps + 4, ignore_eos=True)
+    for i in range(batch):
+        req = core.add_request(f"r{i}", [1] * ctx, params)
+        core.scheduler.waiting.remove(req)
+        if not core.kv.ensure_capacity(req, ctx + 1):
+            raise RuntimeError(f"pool too small for {batch} x {ctx} tokens")
+        req.num_computed = ctx
+        req.append_token(1, None, None)
+        core.scheduler.add_running(req)
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(runner.device)
+            start = time.perf_counter()
+        core.step()
+    sync(runner.device)
+    ms = (time.perf_counter() - start) / steps * 1e3
+    while core.has_work:
+        core.step()
+    core.drain()
+    return ms
+
+
 def pdserve_prefill_ms(runner, tokens: int, reps: int) -> float:
     from pdserve.runtime.forward import SeqChunk
 
@@ -279,6 +310,13 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
                 report.add(Row(name, impl, f"decode bs={b} ctx={args.ctx}", ms,
                                decode_floor_ms(cfg, dtype, b, args.ctx)))
     runner.graphs = graphs
+    for overlap in (True, False):
+        impl = "pdserve engine loop" + (" (overlap)" if overlap else " (sync)")
+        for b in args.batches:
+            with guard(report, f"{name} {impl} decode bs={b}"):
+                ms = pdserve_engine_decode_ms(runner, b, args.ctx, args.steps, args.warmup, overlap)
+                report.add(Row(name, impl, f"decode bs={b} ctx={args.ctx}", ms,
+                               decode_floor_ms(cfg, dtype, b, args.ctx)))
     for n in args.prefill:
         with guard(report, f"{name} pdserve prefill {n}"):
             report.add(Row(name, "pdserve", f"prefill {n}", pdserve_prefill_ms(runner, n, args.reps),
