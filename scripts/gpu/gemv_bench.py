@@ -3,10 +3,9 @@ torch.compile's max-autotune choice, as weight bandwidth (the decode floor's ass
 
     python scripts/gpu/gemv_bench.py [--batches 1,8] [--skip-compile]
 
-Two questions: can --enable-torch-compile make the batch-1 step (87% GEMM time) faster, and does
-pdserve's skinny Triton GEMM (pdserve/kernels/skinny_gemm.py) beat cuBLAS, per shape? The skinny
-kernel is swept over (block_n, block_k, warps, stages); the best is printed, and checked against
-cuBLAS's output.
+Answers: can --enable-torch-compile (inductor's max-autotune GEMM choice) make the batch-1 step,
+87% weight GEMMs, faster? (A skinny Triton GEMM without split-K was also tried: 2x slower than
+cuBLAS on QKV/O/down; see docs/benchmarks.md and the commit that removed it.)
 """
 
 from __future__ import annotations
@@ -44,10 +43,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-compile", action="store_true")
     args = ap.parse_args()
-    from pdserve.kernels.skinny_gemm import pick_block_n, skinny_gemm
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6} "
-          f"{'skinny us':>10} {'TB/s':>6}  best skinny config (block_n/block_k/warps/stages); default")
+    print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6}")
     for b in (int(x) for x in args.batches.split(",")):
         for name, (k, n) in SHAPES.items():
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -62,26 +58,8 @@ def main() -> int:
                     comp = gpu_us(lambda: f(x, w))
                 except Exception as e:  # noqa: BLE001
                     print(f"  compile failed for {name}: {type(e).__name__}: {e}", file=sys.stderr)
-            ref = F.linear(x, w)
-            best, cfg = float("inf"), None
-            auto = pick_block_n(n, sms)
-            for bn in sorted({auto, 16, 32, 64}):
-                for bk, warps, stages in ((256, 4, 4), (128, 4, 4), (512, 4, 3), (256, 8, 4), (256, 4, 6)):
-                    try:
-                        out = skinny_gemm(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-                        torch.testing.assert_close(out, ref, atol=0.5, rtol=0.05)
-                        t = gpu_us(lambda: skinny_gemm(x, w, out, block_n=bn, block_k=bk, num_warps=warps,
-                                                       num_stages=stages))
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  skinny {bn}/{bk}/{warps}/{stages} failed: {type(e).__name__}: {e}"[:200],
-                              file=sys.stderr)
-                        continue
-                    if t < best:
-                        best, cfg = t, (bn, bk, warps, stages)
-            default = gpu_us(lambda: skinny_gemm(x, w))
             print(f"{name:<8} {b:>5} {eager:>10.1f} {nbytes / eager / 1e6:>6.2f} {comp:>12.1f} "
-                  f"{nbytes / comp / 1e6:>6.2f} {best:>10.1f} {nbytes / best / 1e6:>6.2f}  {cfg}; "
-                  f"default {default:.1f} us", flush=True)
+                  f"{nbytes / comp / 1e6:>6.2f}", flush=True)
     return 0
 
 
