@@ -53,6 +53,9 @@ class ModelConfig:
     load_format: str = opt("auto", "Weight format.", choices=("auto", "safetensors", "pt", "gguf", "dummy"))
     dtype: str = opt("auto", "Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU.",
                      choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: str | None = opt(None, "w8a8_int8: linear layers (and the LM head) with int8 weights (per "
+                                   "output channel) and int8 activations (per token) through int8 GEMMs; "
+                                   "other ops stay in --dtype. Default: none.", choices=(None, "w8a8_int8"))
     context_length: int | None = opt(None, "Maximum context length; defaults to the model's.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub ids.")
     download_dir: str | None = opt(None, "Where models are cached; defaults to ~/.cache/pdserve.")

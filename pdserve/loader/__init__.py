@@ -72,11 +72,14 @@ def load_model(model_cfg: ModelConfig, device: torch.device | str, *, tp_rank: i
     model = get_model_class(arch.architecture)(arch, dtype, device, tp_rank, tp_size, tp_group,
                                                max_positions=context_length)
     model.load_weights(weights)
+    if model_cfg.quantization:
+        model.quantize_(model_cfg.quantization)
     model.eval()
     tokenizer = _tokenizer(gguf_path or path, model_cfg)
     eos = list(tokenizer.eos_token_ids) if tokenizer and tokenizer.eos_token_ids else list(arch.eos_token_ids)
     return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, dtype=dtype,
-                       fingerprint=fingerprint(arch, identity, dtype), context_length=context_length,
+                       fingerprint=fingerprint(arch, identity, dtype, model_cfg.quantization),
+                       context_length=context_length,
                        eos_token_ids=eos, model_path=gguf_path or path,
                        load_seconds=time.perf_counter() - start)
 
@@ -129,13 +132,15 @@ def _tokenizer(path: str, model_cfg: ModelConfig) -> Tokenizer | None:
     return load_tokenizer(path, model_cfg.tokenizer_path, cache_dir=model_cfg.download_dir)
 
 
-def fingerprint(arch: ModelArch, identity: list[str], dtype: torch.dtype) -> str:
+def fingerprint(arch: ModelArch, identity: list[str], dtype: torch.dtype, quantization: str | None = None) -> str:
     """Same on every TP rank and TP size: built from the full (unsharded) HF shapes."""
     from pdserve.loader.dummy import hf_weight_shapes
 
     shapes = hf_weight_shapes(arch)
-    blob = json.dumps({"arch": dataclasses.asdict(arch), "shapes": shapes, "weights": identity,
-                       "dtype": str(dtype)}, sort_keys=True, default=str)
+    fields = {"arch": dataclasses.asdict(arch), "shapes": shapes, "weights": identity, "dtype": str(dtype)}
+    if quantization:  # absent when off, so unquantized fingerprints are unchanged
+        fields["quantization"] = quantization
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

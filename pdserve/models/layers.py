@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.models.quant import check_int8_shape, check_quantization, int8_linear, quantize_weight
+
 
 @dataclass(frozen=True)
 class TPInfo:
@@ -64,7 +66,35 @@ def _check_full(loaded: torch.Tensor, dim: int, size: int, name: str) -> None:
                          f"{size} along dim {dim}")
 
 
-class ColumnParallelLinear(nn.Module):
+class QuantizableLinear(nn.Module):
+    """A layer whose ``weight`` ([out, in]) can be swapped for int8 codes + per-row scales.
+
+    ``quantize_(method)`` runs once, after loading (the weight loaders fill the float weight, so
+    TP sharding is unchanged); from then on ``matmul`` runs the int8 GEMM. A tied weight shared
+    with the embedding stays in place for the embedding; only this layer's reference is dropped.
+    """
+
+    def _init_quant(self) -> None:
+        self.register_buffer("qweight", None)        # [out, in] int8 after quantize_
+        self.register_buffer("weight_scale", None)   # [out] float32 after quantize_
+
+    def quantize_(self, method: str) -> None:
+        check_quantization(method)
+        codes, scale = quantize_weight(self.weight)
+        check_int8_shape(codes, type(self).__name__)
+        del self.weight
+        self.qweight, self.weight_scale = codes, scale
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x W^T (+ bias) -> ``out_dtype`` (default: x's dtype)."""
+        if self.qweight is not None:
+            return int8_linear(x, self.qweight, self.weight_scale, bias, out_dtype)
+        out = F.linear(x, self.weight, bias)
+        return out if out_dtype is None else out.to(out_dtype)
+
+
+class ColumnParallelLinear(QuantizableLinear):
     """y = x W^T (+ b) with W's output rows split over TP ranks; ``output_sizes`` lists fused parts.
 
     The weight holds each part's shard back to back: ``[sum(output_sizes) / tp, in]``. A part is
@@ -83,6 +113,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param((out,), dtype, device) if bias else None
         for p in self.parameters():
             p.weight_loader = self.weight_loader
+        self._init_quant()
 
     def shard_range(self, shard_id: int) -> tuple[int, int, int]:
         """(offset in this rank's output, rows in this rank's shard, start row in the full part)."""
@@ -96,7 +127,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size), "column shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -129,7 +160,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return offset, size, start
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """y = x W^T (+ b) with W's input columns split over ranks; partial sums all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPInfo,
@@ -143,6 +174,7 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self.weight_loader
         if self.bias is not None:
             self.bias.weight_loader = self.bias_loader
+        self._init_quant()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         start = self.tp.rank * self.input_shard
@@ -154,7 +186,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp.rank == 0 else None  # added once, before the reduce
-        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+        return self.tp.all_reduce(self.matmul(x, bias))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -190,11 +222,17 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, QuantizableLinear):
     """Output projection, vocab split over ranks; logits gathered to the full vocab."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, dtype: torch.dtype,
+                 device: torch.device | str, shared: nn.Parameter | None = None) -> None:
+        super().__init__(vocab_size, hidden_size, tp, dtype, device, shared)
+        self._init_quant()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)  # [N, vocab / tp]
+        """[N, hidden] -> [N, vocab] float32 (int8: straight from the int32 accumulators)."""
+        local = self.matmul(hidden, None, torch.float32)  # [N, vocab / tp]
         return self.tp.all_gather_last(local)[:, :self.vocab_size]
 
 

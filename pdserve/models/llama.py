@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from pdserve.models.arch import ModelArch
-from pdserve.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                                   RotaryEmbedding, RowParallelLinear, TPInfo, VocabParallelEmbedding,
-                                   silu_and_mul)
+from pdserve.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                   QuantizableLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, TPInfo,
+                                   VocabParallelEmbedding, silu_and_mul)
 from pdserve.runtime.attention import AttentionBackend
 from pdserve.runtime.forward import ForwardBatch
 
@@ -130,6 +130,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
         return self.lm_head.logits(hidden).float()
+
+    def quantize_(self, method: str) -> None:
+        """After loading: every linear layer (qkv, o, gate_up, down, lm_head) to int8 (``--quantization``)."""
+        for module in self.modules():
+            if isinstance(module, QuantizableLinear):
+                module.quantize_(method)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; each layer slices its own TP shard. Raises if any is missing."""
