@@ -6,11 +6,15 @@ not a crash, so the check is the only line of defence.
 
 On CPU the kernels run through Triton's interpreter (``pdserve/kernels/__init__.py`` says when
 it is switched on). It is slow: tests and ``--tiny`` checks only. Triton 3.6's
-interpreter has two bugs that our kernels hit; ``_fix_interpreter`` patches both, and only when
+interpreter has three bugs that our kernels hit; ``_fix_interpreter`` patches them, and only when
 the interpreter is on (the compiled GPU path is never touched):
 - with numpy >= 2.4, a loop bound that is a runtime scalar (``range(start, end)``) fails with
   "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171);
-- ``tl.dot`` on bfloat16 multiplies the raw uint16 storage, giving garbage; we widen to fp32.
+- ``tl.dot`` on bfloat16 multiplies the raw uint16 storage, giving garbage; we widen to fp32;
+- a downcast to fp8 (``x.to(fp8)``) rounds half-up on the cut-off bit only, halves values whose
+  mantissa rounds up into the next binade (7.9 -> 4 in e4m3) and flushes fp8 subnormals to zero,
+  and e5m2 -> fp16 flushes e5m2 subnormals; every cast from or to fp8 goes through torch instead
+  (exact upcasts; round to nearest even down, as the GPU's ``cvt.rn`` does).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV pages only (--kv-cache-dtype)
 
 
 def next_pow2(n: int) -> int:
@@ -65,6 +70,16 @@ def _interpreter_is_whole() -> bool:
     return isinstance(tl.standard.max, InterpretedFunction)
 
 
+def kv_page_dtypes(compute_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """Page dtypes an attention kernel reads beside ``compute_dtype`` queries: the same, or fp8."""
+    return (compute_dtype, *FP8_DTYPES)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 page dtype; 0.0 (no clamp) for any other dtype."""
+    return float(torch.finfo(dtype).max) if dtype in FP8_DTYPES else 0.0
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs must not silently drop to tf32 (10-bit mantissa); 16-bit inputs ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -88,7 +103,35 @@ def _fix_interpreter() -> None:
         return orig_dot(self, _widen_bf16(a), _widen_bf16(b), d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
+    orig_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        out = _fp8_cast_with_torch(src, dst_type.scalar, rounding_mode)
+        return out if out is not None else orig_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
     interpreter._pdserve_fixed = True
+
+
+def _fp8_cast_with_torch(handle, dst, rounding_mode):
+    """Casts between fp8 (e4m3nv, e5) and fp32/fp16/bf16 done by torch; None for any other cast."""
+    import numpy as np
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import TensorHandle
+
+    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
+    wide = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
+    src = handle.dtype.scalar
+    if src in fp8 and dst in wide:  # upcast: reinterpret the stored bytes
+        data = np.ascontiguousarray(handle.data)
+        out = torch.from_numpy(data).view(fp8[src]).to(wide[dst])
+        bits = out.view(torch.int16).numpy().view(np.uint16) if dst == tl.bfloat16 else out.numpy()
+        return TensorHandle(bits, dst)  # the interpreter keeps bf16 as uint16
+    if dst not in fp8 or src not in wide or rounding_mode == ir.ROUNDING_MODE.RTZ:
+        return None
+    values = np.ascontiguousarray(_widen_bf16(handle).data)  # float32 or float16 values
+    return TensorHandle(torch.from_numpy(values).to(fp8[dst]).view(torch.uint8).numpy(), dst)
 
 
 def _widen_bf16(handle):

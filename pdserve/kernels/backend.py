@@ -11,6 +11,10 @@ CUDA-graph contract (see docs/kernels.md): metadata lives in fixed buffers alloc
 tensors a captured graph reads therefore never move, and padding rows past the real batch attend
 nothing and come out zero. Batches that do not fit get fresh tensors (they cannot be replayed
 from a graph anyway).
+
+FP8 KV (``--kv-cache-dtype``): the pool's per-layer ``(k_scale, v_scale)`` go to the store (which
+quantizes) and to the attention kernels (which dequantize); they are host floats, so a captured
+graph holds them as kernel arguments.
 """
 
 from __future__ import annotations
@@ -104,13 +108,14 @@ class TritonAttention:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v at ``batch.out_loc``."""
         meta: TritonBatchMeta = batch.extras["triton"]
         k_pages, v_pages = self.pool.k(layer), self.pool.v(layer)
-        store_kv(k_pages, v_pages, batch.out_loc, k, v)
+        k_scale, v_scale = self.pool.scales(layer)
+        store_kv(k_pages, v_pages, batch.out_loc, k, v, k_scale, v_scale)
         if meta.is_decode:
             return decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens, scale,
-                                    num_kv_splits=self.num_kv_splits, reduce_in_fp32=self.reduce_in_fp32,
-                                    workspace=self._workspace(q))
+                                    k_scale=k_scale, v_scale=v_scale, num_kv_splits=self.num_kv_splits,
+                                    reduce_in_fp32=self.reduce_in_fp32, workspace=self._workspace(q))
         return extend_attention(q, k, v, k_pages, v_pages, meta.page_table, meta.q_starts, meta.prefix_lens,
-                                meta.max_extend_len, scale)
+                                meta.max_extend_len, scale, k_scale=k_scale, v_scale=v_scale)
 
     def _workspace(self, q: torch.Tensor) -> DecodeWorkspace:
         """Decode split buffers for the max batch, made on the first decode step (do that before capture)."""

@@ -9,6 +9,15 @@ for a batch size replays for any lengths; a sequence of length 0 yields zeros (g
 
 Pool views: ``k_pages``/``v_pages`` are ``KVPool.k(layer)``/``v(layer)``:
 ``[num_pages, page_size, num_kv_heads, head_dim]`` with any page/slot/head strides.
+
+FP8 pages: ``k_scale`` is folded into the logit scale and ``v_scale`` into each split's output
+(softmax weights sum to 1, so ``sum p * (v * s) = s * sum p * v``): no multiply per element.
+With fp32 queries K/V blocks are upcast to fp32. With 16-bit queries both products run in
+fp16 (``F16_DOT``): fp8 -> fp16 is exact and one ``cvt`` per two values, while fp8 -> bf16 goes
+through fp16 and fp32 (three), which made the kernel conversion-bound, slower than bf16 pages
+at batch 64 on an H200. q is pre-multiplied by the logit scale (fp32) and rounded to fp16 (11
+mantissa bits, finer than bf16's 8), clamped to fp16's range; the softmax weights p in [0, 1]
+also round to fp16. Accumulation stays fp32.
 """
 
 from __future__ import annotations
@@ -19,18 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels._common import (FLOAT_DTYPES, INTERPRET, check_same_device, check_tensor, dot_precision,
-                                     next_pow2, require)
+from pdserve.kernels._common import (FLOAT_DTYPES, FP8_DTYPES, INTERPRET, check_same_device, check_tensor,
+                                     dot_precision, kv_page_dtypes, next_pow2, require)
 from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, v_scale,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -48,6 +58,10 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_h  # [BLOCK_H] q heads of this kv head
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+    logit_scale = qk_scale
+    if F16_DOT:  # fp8 pages: fp16 products, the logit scale applied to q once
+        q = tl.minimum(tl.maximum(q.to(tl.float32) * qk_scale, -65504.0), 65504.0).to(tl.float16)
+        logit_scale = 1.0
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_H], 0.0, tl.float32)
@@ -60,13 +74,15 @@ def _decode_split_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = load_paged(k_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, kv_head * stride_kh, PAGE_SIZE)
         v = load_paged(v_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, kv_head * stride_vh, PAGE_SIZE)
-        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, True, PRECISION)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 pages: upcast (no-op otherwise); scales applied outside
+        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, logit_scale, True, PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
     mo = mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
-    tl.store(mo, (acc / l_safe[:, None]).to(mid_o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    out = acc * (v_scale / l_safe)[:, None]  # v_scale: dequantizes fp8 V (1.0 otherwise)
+    tl.store(mo, out.to(mid_o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
     tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
 
@@ -117,8 +133,8 @@ class DecodeWorkspace:
 
 def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
     check_tensor("q", q, 3, FLOAT_DTYPES)
-    check_tensor("k_pages", k_pages, 4, (q.dtype,))
-    check_tensor("v_pages", v_pages, 4, (q.dtype,))
+    check_tensor("k_pages", k_pages, 4, kv_page_dtypes(q.dtype))
+    check_tensor("v_pages", v_pages, 4, (k_pages.dtype,))
     check_tensor("page_table", page_table, 2, (torch.int32,))
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, seq_lens=seq_lens)
@@ -133,17 +149,19 @@ def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, *, num_kv_splits: int = 8,
-                     reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
+                     seq_lens: torch.Tensor, scale: float, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                     num_kv_splits: int = 8, reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
                      workspace: DecodeWorkspace | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q ``[B, Hq, D]`` -> ``[B, Hq, D]``: attention over ``seq_lens[b]`` tokens of ``page_table[b]``.
 
     page_table ``[>=B, W]`` int32 (page ids, row b covers ceil(seq_lens[b] / page_size) pages);
     seq_lens ``[>=B]`` int32 (context length including the new token, already stored).
+    Pages in q's dtype, or fp8 holding ``K / k_scale`` and ``V / v_scale``.
     """
     _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
     require(num_kv_splits >= 1, f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    require(k_scale > 0 and v_scale > 0, f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     b, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     group = hq // hkv
@@ -160,12 +178,13 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
     require(INTERPRET or block_n >= 16, f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
     _decode_split_kernel[(b, hkv, num_kv_splits)](
-        q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, scale * LOG2E,
+        q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=next_pow2(d),
         PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, PRECISION=dot_precision(q.dtype),
+        F16_DOT=k_pages.dtype in FP8_DTYPES and q.dtype != torch.float32,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     _decode_reduce_kernel[(b, hq)](
@@ -178,8 +197,10 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
 
 
 def decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``decode_attention``."""
+                         seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
+    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``decode_attention``;
+    pages are dequantized (``page.float() * scale``) before the math."""
     b, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
@@ -188,8 +209,9 @@ def decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.
         if n == 0:
             continue
         pages = page_table[i, :(n + page_size - 1) // page_size].long()
-        k = k_pages[pages].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, dim=1)  # [n, Hq, D]
-        v = v_pages[pages].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, dim=1)
+        k = k_pages[pages].reshape(-1, hkv, d)[:n].float() * k_scale  # [n, Hkv, D]
+        v = v_pages[pages].reshape(-1, hkv, d)[:n].float() * v_scale
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)  # [n, Hq, D]
         logits = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale  # [Hq, n]
         out[i] = torch.einsum("hn,nhd->hd", logits.softmax(-1), v)
     return out.to(q.dtype)

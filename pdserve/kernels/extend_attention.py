@@ -11,6 +11,11 @@ and the diagonal blocks (causal mask). Both products use ``tl.dot`` (tensor core
 The grid is ``(B, Hq, cdiv(max_extend_len, BLOCK_M))``; programs past a sequence's end exit
 after loading nothing. Only constexprs and tensor strides are specialised, so batch composition
 never triggers a recompile.
+
+FP8 pages: only the prefix is read from the pool, so only prefix blocks are upcast to q's dtype,
+with ``k_scale`` folded into their logit scale and V multiplied by ``v_scale`` (when not 1.0).
+The step's own tokens are attended at full precision, as SGLang's extend kernel does; they are
+quantized only in the pool, for later steps.
 """
 
 from __future__ import annotations
@@ -20,17 +25,17 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels._common import (FLOAT_DTYPES, INTERPRET, check_same_device, check_tensor, dot_precision,
-                                     next_pow2, require)
+                                     kv_page_dtypes, next_pow2, require)
 from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
 
 
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, k_pages_ptr, v_pages_ptr, page_table_ptr, q_starts_ptr, prefix_lens_ptr,
-    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale, prefix_qk_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kph, stride_vp, stride_vs, stride_vph, stride_ptb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALE_V: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -61,7 +66,11 @@ def _extend_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = load_paged(k_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, kv_head * stride_kph, PAGE_SIZE)
         v = load_paged(v_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, kv_head * stride_vph, PAGE_SIZE)
-        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, True, PRECISION)
+        k = k.to(q.dtype)  # fp8 pages: upcast; k_scale is in prefix_qk_scale
+        if SCALE_V:
+            v = v.to(tl.float32) * v_scale
+        v = v.to(q.dtype)
+        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, prefix_qk_scale, True, PRECISION)
 
     # 2. new tokens strictly left of this query block: every key visible to every row
     full_end = tl.where(is_active, m0, 0)
@@ -97,8 +106,10 @@ def _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, s
 
 def _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens) -> None:
     check_tensor("q", q, 3, FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v), ("k_pages", k_pages), ("v_pages", v_pages)):
-        check_tensor(name, t, 3 if name in ("k", "v") else 4, (q.dtype,))
+    check_tensor("k", k, 3, (q.dtype,))
+    check_tensor("v", v, 3, (q.dtype,))
+    check_tensor("k_pages", k_pages, 4, kv_page_dtypes(q.dtype))
+    check_tensor("v_pages", v_pages, 4, (k_pages.dtype,))
     check_tensor("page_table", page_table, 2, (torch.int32,))
     check_tensor("q_starts", q_starts, 1, (torch.int32,))
     check_tensor("prefix_lens", prefix_lens, 1, (torch.int32,))
@@ -129,16 +140,18 @@ def _default_blocks(d: int) -> tuple[int, int, int, int]:
 
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
                      v_pages: torch.Tensor, page_table: torch.Tensor, q_starts: torch.Tensor,
-                     prefix_lens: torch.Tensor, max_extend_len: int, scale: float, *,
-                     out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                     prefix_lens: torch.Tensor, max_extend_len: int, scale: float, *, k_scale: float = 1.0,
+                     v_scale: float = 1.0, out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (this step's tokens) -> ``[T, Hq, D]``.
 
     page_table ``[>=B, W]`` int32 covers each sequence's prefix; q_starts ``[B+1]`` int32 cumulative
     offsets into T; prefix_lens ``[B]`` int32; ``max_extend_len`` (host int, sizes the grid) must be
-    >= every sequence's new-token count, else rows past it are left unwritten.
+    >= every sequence's new-token count, else rows past it are left unwritten. Pages in q's dtype,
+    or fp8 holding ``K / k_scale`` and ``V / v_scale``.
     """
     _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens)
+    require(k_scale > 0 and v_scale > 0, f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     t, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     bm, bn, warps, stages = _default_blocks(d)
@@ -155,11 +168,12 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
     grid = (b, hq, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, k, v, out, k_pages, v_pages, page_table, q_starts, prefix_lens, scale * LOG2E,
+        scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),
         v_pages.stride(2), page_table.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE_SIZE=page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), SCALE_V=v_scale != 1.0,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out
@@ -167,16 +181,20 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
 
 def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
                          v_pages: torch.Tensor, page_table: torch.Tensor, q_starts: torch.Tensor,
-                         prefix_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``extend_attention``."""
+                         prefix_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
+    """Plain torch, fp32 math, one sequence at a time. Same arguments as ``extend_attention``;
+    the prefix pages are dequantized (``page.float() * scale``), the step's k/v used as given."""
     t, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     out = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
     for i in range(prefix_lens.shape[0]):
         s, e, p = int(q_starts[i]), int(q_starts[i + 1]), int(prefix_lens[i])
         pages = page_table[i, :(p + page_size - 1) // page_size].long()
-        keys = torch.cat([k_pages[pages].reshape(-1, hkv, d)[:p], k[s:e]]).float()  # [p + n, Hkv, D]
-        values = torch.cat([v_pages[pages].reshape(-1, hkv, d)[:p], v[s:e]]).float()
+        prefix_k = k_pages[pages].reshape(-1, hkv, d)[:p].float() * k_scale
+        prefix_v = v_pages[pages].reshape(-1, hkv, d)[:p].float() * v_scale
+        keys = torch.cat([prefix_k, k[s:e].float()])  # [p + n, Hkv, D]
+        values = torch.cat([prefix_v, v[s:e].float()])
         keys, values = keys.repeat_interleave(hq // hkv, 1), values.repeat_interleave(hq // hkv, 1)
         logits = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale  # [Hq, n, p + n]
         visible = torch.arange(p + e - s)[None, :] <= (p + torch.arange(e - s))[:, None]  # [n, p + n]

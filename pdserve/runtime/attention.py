@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.runtime.forward import ForwardBatch
-from pdserve.runtime.kv_pool import KVPool
+from pdserve.runtime.kv_pool import KVPool, dequantize_kv
 
 
 class AttentionBackend(Protocol):
@@ -32,6 +32,11 @@ class TorchAttention:
     ``[B, L, Hkv, D]`` block and GQA is done by grouping query heads per KV head, so a step costs
     two batched matmuls per layer instead of one call per sequence. Prefill chunks go one
     sequence at a time with a causal mask offset by the cached prefix.
+
+    FP8 pools: ``pool.write`` quantizes (scale, saturate) and ``_context`` dequantizes the gathered
+    pages to the query dtype (``x * scale``). Every key, the step's own included, is read back from
+    the pool, so here a prefill chunk attends its own tokens after fp8 rounding (the Triton extend
+    kernel uses them at full precision); decode steps read the same values on both backends.
     """
 
     def __init__(self, pool: KVPool) -> None:
@@ -59,10 +64,15 @@ class TorchAttention:
         batch.extras["torch_decode"] = (table.view(-1).to(dev), valid.to(dev),
                                         torch.tensor([batch.q_starts[i] for i in dec], device=dev))
 
-    def _context(self, layer: int, pages: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``pages`` (flat, ``rows`` tables of equal length) -> two ``[rows, L, Hkv, D]``."""
+    def _context(self, layer: int, pages: torch.Tensor, rows: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``pages`` (flat, ``rows`` tables of equal length) -> two ``[rows, L, Hkv, D]``;
+        fp8 pages come back dequantized to ``dtype``."""
         k = self.pool.k(layer).index_select(0, pages)   # [rows * pages, page_size, Hkv, D]
         v = self.pool.v(layer).index_select(0, pages)
+        if self.pool.is_fp8:
+            k_scale, v_scale = self.pool.scales(layer)
+            k, v = dequantize_kv(k, dtype, k_scale), dequantize_kv(v, dtype, v_scale)
         return k.view(rows, -1, *k.shape[2:]), v.view(rows, -1, *v.shape[2:])
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -71,12 +81,12 @@ class TorchAttention:
         out = torch.empty_like(q)
         if batch.extras.get("torch_decode_idx"):
             table, valid, rows = batch.extras["torch_decode"]
-            keys, values = self._context(layer, table, rows.numel())       # [B, L, Hkv, D]
+            keys, values = self._context(layer, table, rows.numel(), q.dtype)  # [B, L, Hkv, D]
             out[rows] = grouped_attention(q[rows][:, None], keys, values, valid[:, None, :], scale)[:, 0]
         for i in batch.extras.get("torch_prefill_idx", ()):
             seq, q_start = batch.seqs[i], batch.q_starts[i]
             n = seq.num_new_tokens
-            keys, values = self._context(layer, batch.extras["torch_pages"][i], 1)  # [1, L, Hkv, D]
+            keys, values = self._context(layer, batch.extras["torch_pages"][i], 1, q.dtype)  # [1, L, Hkv, D]
             q_pos = torch.arange(seq.start_pos, seq.kv_len, device=q.device)[:, None]
             mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= q_pos  # [n, L]; also cuts the page tail
             out[q_start:q_start + n] = grouped_attention(q[None, q_start:q_start + n], keys, values,

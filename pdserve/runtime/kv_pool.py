@@ -7,6 +7,12 @@ transfer descriptors, whatever the layer count (design.md: ~8 us per descriptor 
 Attention reads one layer through a strided view (``k(layer)``: ``[num_pages, page_size, H, D]``).
 
 A token's slot is ``page * page_size + offset``; ``loc`` tensors hold slots.
+
+FP8 (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``): the pool holds ``float8_e4m3fn`` / ``float8_e5m2``
+and a page is half a bf16 page (a quarter of fp32). Scaling is per tensor, as vLLM/SGLang do by
+default: one ``k_scale`` and one ``v_scale`` (1.0 unless set), stored ``(x / scale)`` clamped to the
+format's finite range, read back as ``fp8 * scale``. The scales are part of the layout, so two
+transfer peers agree on what the bytes mean, not only on their size.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# --kv-cache-dtype -> torch dtype name of the pool
+KV_CACHE_DTYPES = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -23,8 +33,21 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     page_size: int
-    dtype: str  # torch dtype name, e.g. "float32"
+    dtype: str  # torch dtype name of the pool, e.g. "bfloat16", "float8_e4m3fn"
     order: str = "page,layer,kv,slot,head,dim"
+    k_scale: float = 1.0  # stored K = K / k_scale (fp8 only; 1.0 otherwise)
+    v_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, scale in (("k_scale", self.k_scale), ("v_scale", self.v_scale)):
+            if not (0.0 < scale < float("inf")):
+                raise ValueError(f"--kv-cache-dtype: {name} must be positive and finite, got {scale}")
+            if scale != 1.0 and not self.is_fp8:
+                raise ValueError(f"--kv-cache-dtype: {name} {scale} needs an fp8 cache, not {self.dtype}")
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in KV_CACHE_DTYPES.values()
 
     @property
     def page_nbytes(self) -> int:
@@ -37,6 +60,52 @@ class KVLayout:
 
 def _itemsize(dtype_name: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+
+
+def cache_dtype_name(kv_cache_dtype: str, model_dtype: torch.dtype) -> str:
+    """``--kv-cache-dtype`` -> the pool's torch dtype name (``auto``: the model dtype)."""
+    if kv_cache_dtype == "auto":
+        return str(model_dtype).removeprefix("torch.")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype: unknown {kv_cache_dtype!r}, expected auto or {sorted(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x`` -> ``dtype``; for fp8, ``x * (1 / scale)`` in fp32 clamped to the finite range (never inf/nan
+    from overflow), rounded to nearest even. The kernels' store does the same arithmetic."""
+    if dtype not in FP8_DTYPES:
+        return x.to(dtype)
+    fmax = torch.finfo(dtype).max
+    x = x.float()
+    if scale != 1.0:
+        x = x * (1.0 / scale)
+    return x.clamp(-fmax, fmax).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Stored K or V -> ``dtype`` (the compute dtype): ``x * scale`` for fp8, a plain cast otherwise."""
+    if x.dtype in FP8_DTYPES and x.device.type == "cpu":
+        x, factor = fp8_as_fp16(x)
+        scale *= factor
+    x = x.to(dtype)
+    return x * scale if scale != 1.0 else x
+
+
+def fp8_as_fp16(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """fp8 -> (fp16 holding ``x / factor``, factor), exactly (subnormals included), by moving bits.
+
+    torch's own fp8 casts are scalar code on CPU; these 2-3 vector integer ops are 2.5-4x faster.
+    The byte is sign-extended to int16, so a left shift puts the sign in bit 15:
+    - e5m2 is the top byte of an fp16 (same exponent bias): shift 8, factor 1 (inf/nan kept);
+    - e4m3fn shifted 7 puts exponent and mantissa under fp16's (bias 15 vs 7: factor 2^8) and
+      leaves a stray sign copy in bit 14, which the mask clears. Its NaN codes (never written:
+      stores saturate) would read as 480.
+    """
+    bits = x.view(torch.int8).to(torch.int16)
+    if x.dtype == torch.float8_e5m2:
+        return (bits << 8).view(torch.float16), 1.0
+    return ((bits << 7) & ~0x4000).view(torch.float16), 256.0
 
 
 class KVPool:
@@ -66,16 +135,32 @@ class KVPool:
     def v(self, layer: int) -> torch.Tensor:
         return self.buffer[:, layer, 1]
 
-    def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new K/V ``[T, num_kv_heads, head_dim]`` at slots ``loc`` ``[T]``."""
-        pages, offsets = loc // self.page_size, loc % self.page_size
-        self.buffer[pages, layer, 0, offsets] = k.to(self.buffer.dtype)
-        self.buffer[pages, layer, 1, offsets] = v.to(self.buffer.dtype)
+    @property
+    def is_fp8(self) -> bool:
+        return self.layout.is_fp8
 
-    def gather(self, layer: int, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V at slots ``loc`` ``[T]`` -> two ``[T, num_kv_heads, head_dim]`` tensors."""
+    def scales(self, layer: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of ``layer``: stored = x / scale. Per tensor today (the same for every
+        layer); per-layer scales from a checkpoint would be returned here."""
+        return self.layout.k_scale, self.layout.v_scale
+
+    def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new K/V ``[T, num_kv_heads, head_dim]`` at slots ``loc`` ``[T]`` (quantized for fp8)."""
         pages, offsets = loc // self.page_size, loc % self.page_size
-        return self.buffer[pages, layer, 0, offsets], self.buffer[pages, layer, 1, offsets]
+        k_scale, v_scale = self.scales(layer)
+        self.buffer[pages, layer, 0, offsets] = quantize_kv(k, self.buffer.dtype, k_scale)
+        self.buffer[pages, layer, 1, offsets] = quantize_kv(v, self.buffer.dtype, v_scale)
+
+    def gather(self, layer: int, loc: torch.Tensor,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at slots ``loc`` ``[T]`` -> two ``[T, num_kv_heads, head_dim]`` tensors, as stored, or
+        dequantized to ``dtype`` when given."""
+        pages, offsets = loc // self.page_size, loc % self.page_size
+        k, v = self.buffer[pages, layer, 0, offsets], self.buffer[pages, layer, 1, offsets]
+        if dtype is None:
+            return k, v
+        k_scale, v_scale = self.scales(layer)
+        return dequantize_kv(k, dtype, k_scale), dequantize_kv(v, dtype, v_scale)
 
     def page_view(self, page: int) -> torch.Tensor:
         """One page as flat bytes (checksums, tests)."""

@@ -15,7 +15,7 @@ import torch
 from pdserve.config import CacheConfig, EngineConfig
 from pdserve.runtime.attention import make_attention_backend
 from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk, build_forward_batch
-from pdserve.runtime.kv_pool import KVLayout, KVPool
+from pdserve.runtime.kv_pool import KVLayout, KVPool, cache_dtype_name
 from pdserve.runtime.sampler import PendingSample, Sampler, to_device
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def check_kernel_flags(cfg: EngineConfig) -> None:
     if cfg.kernel.enable_torch_compile:
         raise ValueError("--enable-torch-compile is not supported yet (decode runs under CUDA graphs instead); "
                          "drop the flag")
-    if cfg.cache.kv_cache_dtype != "auto":
-        raise ValueError(f"--kv-cache-dtype {cfg.cache.kv_cache_dtype} is not supported yet (the KV cache uses "
-                         f"the model dtype); use auto")
+    if cfg.cache.kv_cache_dtype != "auto" and cfg.kernel.attention_backend == "flashinfer":
+        raise ValueError(f"--kv-cache-dtype {cfg.cache.kv_cache_dtype} with --attention-backend flashinfer is not "
+                         f"supported (its fp8 path is unverified); use --attention-backend triton or auto")
     base = cfg.kernel.attention_backend
     for flag, value in (("--prefill-attention-backend", cfg.kernel.prefill_attention_backend),
                         ("--decode-attention-backend", cfg.kernel.decode_attention_backend)):
@@ -126,7 +126,7 @@ class ModelRunner:
         self.vocab_size = arch.vocab_size
         self.layout = KVLayout(num_layers=arch.num_layers, num_kv_heads=self.model.num_local_kv_heads,
                                head_dim=arch.head_dim, page_size=cfg.cache.page_size,
-                               dtype=str(self.loaded.dtype).removeprefix("torch."))
+                               dtype=cache_dtype_name(cfg.cache.kv_cache_dtype, self.loaded.dtype))
         num_pages = pool_pages(cfg.cache, self.layout, self.device, self.context_length)
         self.pool = KVPool(num_pages, self.layout, self.device)
         backend = resolve_attention_backend(cfg, self.device)

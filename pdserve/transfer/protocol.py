@@ -34,17 +34,19 @@ class LayoutSpec(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int
     dtype: str
     order: str
+    k_scale: float = 1.0        # fp8 caches: what the stored bytes are multiplied by when read
+    v_scale: float = 1.0
 
     @classmethod
     def of(cls, layout: KVLayout) -> "LayoutSpec":
         return cls(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                    head_dim=layout.head_dim, page_size=layout.page_size, dtype=layout.dtype,
-                   order=layout.order)
+                   order=layout.order, k_scale=layout.k_scale, v_scale=layout.v_scale)
 
     def to_layout(self) -> KVLayout:
         return KVLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                         head_dim=self.head_dim, page_size=self.page_size, dtype=self.dtype,
-                        order=self.order)
+                        order=self.order, k_scale=self.k_scale, v_scale=self.v_scale)
 
 
 class PoolInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,20 +142,25 @@ def check_compatible(prefill: Handshake, decode: Handshake) -> str | None:
     """None if the two nodes can exchange KV; otherwise the reason, naming both sides' values.
 
     ``prefill`` is the prefill node's own description in the same form as the decode's Handshake.
+    The model fingerprint covers the model dtype, so a KV dtype or scale mismatch under one
+    fingerprint means the two nodes were started with different ``--kv-cache-dtype``.
     """
     p, d = prefill, decode
+    kv_flag = " (start both with the same --kv-cache-dtype)"
     pairs = [
-        ("protocol version", p.protocol_version, d.protocol_version),
-        ("model fingerprint", p.fingerprint, d.fingerprint),
-        ("dtype", p.layout.dtype, d.layout.dtype),
-        ("page size", p.layout.page_size, d.layout.page_size),
-        ("num layers", p.layout.num_layers, d.layout.num_layers),
-        ("num kv heads", p.layout.num_kv_heads, d.layout.num_kv_heads),
-        ("head dim", p.layout.head_dim, d.layout.head_dim),
-        ("layout order", p.layout.order, d.layout.order),
-        ("page bytes", p.pool.page_nbytes, d.pool.page_nbytes),
+        ("protocol version", p.protocol_version, d.protocol_version, ""),
+        ("model fingerprint", p.fingerprint, d.fingerprint, ""),
+        ("KV cache dtype", p.layout.dtype, d.layout.dtype, kv_flag),
+        ("KV k_scale", p.layout.k_scale, d.layout.k_scale, kv_flag),
+        ("KV v_scale", p.layout.v_scale, d.layout.v_scale, kv_flag),
+        ("page size", p.layout.page_size, d.layout.page_size, ""),
+        ("num layers", p.layout.num_layers, d.layout.num_layers, ""),
+        ("num kv heads", p.layout.num_kv_heads, d.layout.num_kv_heads, ""),
+        ("head dim", p.layout.head_dim, d.layout.head_dim, ""),
+        ("layout order", p.layout.order, d.layout.order, ""),
+        ("page bytes", p.pool.page_nbytes, d.pool.page_nbytes, ""),
     ]
-    for what, pv, dv in pairs:
+    for what, pv, dv, hint in pairs:
         if pv != dv:
-            return f"{what} mismatch: prefill {pv}, decode {dv}"
+            return f"{what} mismatch: prefill {pv}, decode {dv}{hint}"
     return None

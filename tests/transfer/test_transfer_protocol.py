@@ -56,7 +56,31 @@ def test_fingerprint_and_version_mismatch():
 
 def test_dtype_mismatch():
     bf16 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="bfloat16")
-    assert check_compatible(hello(), hello(bf16)) == "dtype mismatch: prefill float32, decode bfloat16"
+    assert check_compatible(hello(), hello(bf16)) == \
+        "KV cache dtype mismatch: prefill float32, decode bfloat16 (start both with the same --kv-cache-dtype)"
+
+
+def test_fp8_prefill_bf16_decode_is_refused_before_page_bytes():
+    # prefill --kv-cache-dtype fp8_e4m3 against a bf16 decode: pages are 1 vs 2 bytes per element,
+    # and the dtype (with the flag to fix) is reported, not the byte count it implies
+    fp8 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float8_e4m3fn")
+    bf16 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="bfloat16")
+    assert fp8.page_nbytes * 2 == bf16.page_nbytes
+    reason = check_compatible(hello(fp8), hello(bf16))
+    assert reason.startswith("KV cache dtype mismatch: prefill float8_e4m3fn, decode bfloat16")
+    assert "--kv-cache-dtype" in reason
+    e5m2 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float8_e5m2")
+    assert check_compatible(hello(fp8), hello(e5m2)).startswith("KV cache dtype mismatch")
+
+
+def test_fp8_scales_travel_and_must_agree():
+    fp8 = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float8_e4m3fn")
+    scaled = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float8_e4m3fn",
+                      k_scale=0.5, v_scale=2.0)
+    assert LayoutSpec.of(scaled).to_layout() == scaled
+    assert decode_message(encode(hello(scaled))).layout.v_scale == 2.0
+    assert check_compatible(hello(fp8), hello(fp8)) is None
+    assert check_compatible(hello(fp8), hello(scaled)).startswith("KV k_scale mismatch: prefill 1.0, decode 0.5")
 
 
 def test_gbps():

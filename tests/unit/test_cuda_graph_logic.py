@@ -60,7 +60,7 @@ def test_is_decode_batch():
 
 @pytest.mark.parametrize("flags, match", [
     ({"enable_torch_compile": True}, "--enable-torch-compile"),
-    ({"kv_cache_dtype": "fp8_e4m3"}, "--kv-cache-dtype"),
+    ({"kv_cache_dtype": "fp8_e4m3", "attention_backend": "flashinfer"}, "--kv-cache-dtype fp8_e4m3 with --attention"),
     ({"decode_attention_backend": "triton"}, "--decode-attention-backend"),
 ])
 def test_unsupported_kernel_flags_fail_loudly(flags, match):
