@@ -136,7 +136,8 @@ class KernelConfig:
                                                 choices=(None, "torch", "triton", "flashinfer"))
     decode_attention_backend: str | None = opt(None, "Override --attention-backend for decode.",
                                                choices=(None, "torch", "triton", "flashinfer"))
-    triton_attention_num_kv_splits: int = opt(8, "Splits over the context in Triton decode attention.")
+    triton_attention_num_kv_splits: int = opt(32, "Most splits over the context in Triton decode attention "
+                                                  "(fewer as the batch fills the GPU).")
     triton_attention_reduce_in_fp32: bool = opt(False, "Reduce split attention outputs in fp32.")
     cuda_graph_max_bs: int = opt(256, "Largest decode batch captured in a CUDA graph.")
     disable_cuda_graph: bool = opt(False, "Run decode eagerly.")

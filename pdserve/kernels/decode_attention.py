@@ -126,8 +126,8 @@ class DecodeWorkspace:
 
     def fits(self, batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
              mid_dtype: torch.dtype) -> bool:
-        cap_b, hq, splits, d = self.mid_o.shape
-        return (batch_size <= cap_b and (hq, splits, d) == (num_q_heads, num_kv_splits, head_dim)
+        cap_b, hq, splits, d = self.mid_o.shape  # a workspace for more splits serves fewer (strided)
+        return (batch_size <= cap_b and (hq, d) == (num_q_heads, head_dim) and splits >= num_kv_splits
                 and self.mid_o.dtype == mid_dtype)
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from engine_bench import (ARCHS, HBM_BYTES_PER_S, decode_floor_ms, make_runner, page_tables,  # noqa: E402
-                          param_counts, write_model_dir)
+                          param_counts, prefill_floor_ms, write_model_dir)
 
 CLASSES = (("attention", ("decode_split", "decode_reduce", "extend")), ("kv store", ("store_kv", "kv_store")),
            ("norm", ("rmsnorm",)), ("rotary", ("rotary",)), ("activation", ("silu",)),
@@ -54,9 +54,34 @@ def profile_step(runner, batch: int, ctx: int) -> tuple[dict[str, float], dict[s
     us, count = defaultdict(float), defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us[classify(ev.name)] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            us[classify(ev.name)] += ev.device_time_total
             count[classify(ev.name)] += 1
     return dict(us), dict(count)
+
+
+def profile_prefill(runner, tokens: int) -> tuple[dict[str, float], dict[str, int], float]:
+    """Kernel time by class of one prefill of ``tokens`` tokens, and its wall ms (median of 5)."""
+    from pdserve.runtime.forward import SeqChunk
+    seq = [SeqChunk("p", torch.randint(0, runner.vocab_size, (tokens,)).tolist(), 0,
+                    list(range(-(-tokens // runner.layout.page_size))))]
+    for _ in range(2):
+        runner.forward(seq)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        runner.forward(seq)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runner.forward(seq)
+        torch.cuda.synchronize()
+    us, count = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us[classify(ev.name)] += ev.device_time_total
+            count[classify(ev.name)] += 1
+    return dict(us), dict(count), sorted(times)[2]
 
 
 def graph_step_ms(runner, batch: int, ctx: int, steps: int = 30) -> float:
@@ -79,13 +104,15 @@ def main() -> int:
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(ARCHS))
     ap.add_argument("--batches", default="1,256")
     ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--prefill", default="", help="also profile prefills of these lengths, e.g. 1024,4096")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cfg = ARCHS[args.model]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp), args.model)
-        total = max(batches) * (args.ctx + 32)
-        runner = make_runner(model_dir, "cuda", "bfloat16", total, args.ctx + 64, max(batches))
+        prefills = [int(p) for p in args.prefill.split(",") if p]
+        total = max(max(batches) * (args.ctx + 32), max(prefills, default=0) + 64)
+        runner = make_runner(model_dir, "cuda", "bfloat16", total, max(args.ctx, *prefills) + 64, max(batches))
         layers, embed, head = param_counts(cfg)
         weight_bytes = (layers + (head or embed)) * 2  # bf16 layer weights + LM head
         for b in batches:
@@ -102,6 +129,14 @@ def main() -> int:
             if us.get("gemm"):
                 print(f"  GEMM weight bandwidth: {weight_bytes / (us['gemm'] * 1e-6) / 1e12:.2f} TB/s "
                       f"({weight_bytes / (us['gemm'] * 1e-6) / HBM_BYTES_PER_S:.0%} of {HBM_BYTES_PER_S / 1e12} TB/s)")
+        for n in prefills:
+            us, count, wall = profile_prefill(runner, n)
+            total_us = sum(us.values())
+            floor = prefill_floor_ms(cfg, n)
+            print(f"\n{args.model} prefill {n}: {wall:.2f} ms (median of 5) = {floor / wall:.1%} MFU, kernels sum "
+                  f"{total_us / 1e3:.2f} ms, idle/host {wall - total_us / 1e3:.2f} ms")
+            for cls, t in sorted(us.items(), key=lambda kv: -kv[1]):
+                print(f"  {cls:<11} {t / 1e3:7.3f} {t / total_us:6.1%} {count[cls]:7d}")
     return 0
 
 
