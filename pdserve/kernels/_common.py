@@ -20,6 +20,7 @@ the interpreter is on (the compiled GPU path is never touched):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -33,29 +34,33 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str | Callable[[], str]) -> None:
+    """Raise ValueError(message) unless ``cond``. Pass the message as a lambda where it is
+    formatted: wrappers run per layer per step, and eager prefill is host-bound (an f-string per
+    check was measurable: scripts/gpu/host_profile.py)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None,
                  last_contiguous: bool = True) -> None:
     """``t`` has ``ndim`` dims, a dtype in ``dtypes`` and (by default) unit stride in its last dim."""
-    require(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
-    require(t.dim() == ndim, f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    require(isinstance(t, torch.Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
+    require(t.dim() == ndim, lambda: f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
-        require(t.dtype in dtypes, f"{name}: dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+        require(t.dtype in dtypes, lambda: f"{name}: dtype {t.dtype} not in {[str(d) for d in dtypes]}")
     if last_contiguous and t.numel() > 0:
-        require(t.shape[-1] == 1 or t.stride(-1) == 1, f"{name}: last dim must be contiguous, strides {t.stride()}")
+        require(t.shape[-1] == 1 or t.stride(-1) == 1,
+                lambda: f"{name}: last dim must be contiguous, strides {t.stride()}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors on one device, and a device Triton can run on here."""
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
-    require(all(d == first for d in devices.values()), f"tensors on different devices: {devices}")
+    require(all(d == first for d in devices.values()), lambda: f"tensors on different devices: {devices}")
     if first.type != "cuda":
-        require(INTERPRET, f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 "
+        require(INTERPRET, lambda: f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 "
                            "before anything imports triton")
         require(_interpreter_is_whole(), "TRITON_INTERPRET=1 was set after triton was imported, so triton's own "
                                          "library functions are compiled-only; set it before importing triton "

@@ -29,12 +29,12 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.co
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x ``[T, 2I]`` -> ``[T, I]``."""
     check_tensor("x", x, 2, FLOAT_DTYPES)
-    require(x.shape[1] % 2 == 0, f"x last dim {x.shape[1]} must be even (gate | up)")
+    require(x.shape[1] % 2 == 0, lambda: f"x last dim {x.shape[1]} must be even (gate | up)")
     rows, inter = x.shape[0], x.shape[1] // 2
     if out is None:
         out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     check_tensor("out", out, 2, (x.dtype,))
-    require(out.shape == (rows, inter), f"out {tuple(out.shape)} must be [{rows}, {inter}]")
+    require(out.shape == (rows, inter), lambda: f"out {tuple(out.shape)} must be [{rows}, {inter}]")
     check_same_device(x=x, out=out)
     if rows == 0:
         return out

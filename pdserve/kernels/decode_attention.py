@@ -139,13 +139,13 @@ def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, seq_lens=seq_lens)
     b, hq, d = q.shape
-    require(k_pages.shape == v_pages.shape, f"k_pages {tuple(k_pages.shape)} != v_pages {tuple(v_pages.shape)}")
+    require(k_pages.shape == v_pages.shape, lambda: f"k_pages {tuple(k_pages.shape)} != v_pages {tuple(v_pages.shape)}")
     hkv = k_pages.shape[2]
-    require(k_pages.shape[3] == d, f"head_dim: q has {d}, k_pages has {k_pages.shape[3]}")
-    require(hq % hkv == 0, f"q heads {hq} not a multiple of kv heads {hkv}")
+    require(k_pages.shape[3] == d, lambda: f"head_dim: q has {d}, k_pages has {k_pages.shape[3]}")
+    require(hq % hkv == 0, lambda: f"q heads {hq} not a multiple of kv heads {hkv}")
     require(page_table.shape[0] >= b and seq_lens.shape[0] >= b,
-            f"batch {b}: page_table rows {page_table.shape[0]}, seq_lens {seq_lens.shape[0]}")
-    require(d >= 16, f"head_dim {d} < 16 is not supported (tl.dot minimum)")
+            lambda: f"batch {b}: page_table rows {page_table.shape[0]}, seq_lens {seq_lens.shape[0]}")
+    require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
@@ -160,15 +160,15 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     Pages in q's dtype, or fp8 holding ``K / k_scale`` and ``V / v_scale``.
     """
     _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
-    require(num_kv_splits >= 1, f"num_kv_splits must be >= 1, got {num_kv_splits}")
-    require(k_scale > 0 and v_scale > 0, f"k_scale {k_scale} / v_scale {v_scale} must be positive")
+    require(num_kv_splits >= 1, lambda: f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     b, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     group = hq // hkv
     if out is None:
         out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,))
-    require(out.shape == q.shape, f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    require(out.shape == q.shape, lambda: f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     mid_dtype = torch.float32 if reduce_in_fp32 else q.dtype
     if workspace is None or not workspace.fits(b, hq, d, num_kv_splits, mid_dtype):
         workspace = DecodeWorkspace.allocate(b, hq, d, num_kv_splits, q.dtype, q.device, reduce_in_fp32)
@@ -176,7 +176,7 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
         return out
     mid_o, mid_lse = workspace.mid_o, workspace.mid_lse
     block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
-    require(INTERPRET or block_n >= 16, f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
+    require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
     _decode_split_kernel[(b, hkv, num_kv_splits)](
         q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),

@@ -117,14 +117,16 @@ def _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_l
                       q_starts=q_starts, prefix_lens=prefix_lens)
     t, hq, d = q.shape
     hkv = k.shape[1]
-    require(k.shape == v.shape == (t, hkv, d), f"k {tuple(k.shape)} / v {tuple(v.shape)} must be [{t}, Hkv, {d}]")
+    require(k.shape == v.shape == (t, hkv, d),
+            lambda: f"k {tuple(k.shape)} / v {tuple(v.shape)} must be [{t}, Hkv, {d}]")
     require(k_pages.shape == v_pages.shape and k_pages.shape[2:] == (hkv, d),
-            f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)} must be [pages, page_size, {hkv}, {d}]")
-    require(hq % hkv == 0, f"q heads {hq} not a multiple of kv heads {hkv}")
+            lambda: f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)} "
+                    f"must be [pages, page_size, {hkv}, {d}]")
+    require(hq % hkv == 0, lambda: f"q heads {hq} not a multiple of kv heads {hkv}")
     b = prefix_lens.shape[0]
-    require(q_starts.shape[0] == b + 1, f"q_starts has {q_starts.shape[0]} entries, need batch + 1 = {b + 1}")
-    require(page_table.shape[0] >= b, f"page_table has {page_table.shape[0]} rows, batch is {b}")
-    require(d >= 16, f"head_dim {d} < 16 is not supported (tl.dot minimum)")
+    require(q_starts.shape[0] == b + 1, lambda: f"q_starts has {q_starts.shape[0]} entries, need batch + 1 = {b + 1}")
+    require(page_table.shape[0] >= b, lambda: f"page_table has {page_table.shape[0]} rows, batch is {b}")
+    require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
 def _default_blocks(d: int) -> tuple[int, int, int, int]:
@@ -151,17 +153,17 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
     or fp8 holding ``K / k_scale`` and ``V / v_scale``.
     """
     _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens)
-    require(k_scale > 0 and v_scale > 0, f"k_scale {k_scale} / v_scale {v_scale} must be positive")
+    require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     t, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     bm, bn, warps, stages = _default_blocks(d)
     block_m, block_n = block_m or bm, block_n or bn
-    require(block_m % block_n == 0, f"block_m {block_m} must be a multiple of block_n {block_n}")
-    require(INTERPRET or block_n >= 16, f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
+    require(block_m % block_n == 0, lambda: f"block_m {block_m} must be a multiple of block_n {block_n}")
+    require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
     if out is None:
         out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,))
-    require(out.shape == q.shape, f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    require(out.shape == q.shape, lambda: f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     b = prefix_lens.shape[0]
     if t == 0 or b == 0 or max_extend_len <= 0:
         return out

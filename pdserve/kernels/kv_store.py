@@ -63,13 +63,15 @@ def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k:
     check_tensor("loc", loc, 1, (torch.int32, torch.int64))
     check_same_device(k=k, v=v, k_pages=k_pages, v_pages=v_pages, loc=loc)
     t, hkv, d = k.shape
-    require(v.shape == k.shape, f"v {tuple(v.shape)} != k {tuple(k.shape)}")
+    require(v.shape == k.shape, lambda: f"v {tuple(v.shape)} != k {tuple(k.shape)}")
     require(k_pages.shape == v_pages.shape and k_pages.shape[2:] == (hkv, d),
-            f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)} must be [pages, page_size, {hkv}, {d}]")
-    require(loc.shape[0] == t, f"loc has {loc.shape[0]} slots for {t} tokens")
+            lambda: f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)} "
+                    f"must be [pages, page_size, {hkv}, {d}]")
+    require(loc.shape[0] == t, lambda: f"loc has {loc.shape[0]} slots for {t} tokens")
     fmax = fp8_max(k_pages.dtype)
     require(k_scale > 0 and v_scale > 0 and (fmax > 0 or k_scale == v_scale == 1.0),
-            f"k_scale {k_scale} / v_scale {v_scale}: positive, and 1.0 unless the pages are fp8 ({k_pages.dtype})")
+            lambda: f"k_scale {k_scale} / v_scale {v_scale}: positive, and 1.0 unless the pages are fp8 "
+                    f"({k_pages.dtype})")
     if t == 0:
         return
     block_h, block_d = max(2, next_pow2(hkv)), next_pow2(d)  # no size-1 aranges

@@ -42,11 +42,11 @@ def _rmsnorm_kernel(
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("weight", weight, 1, (x.dtype,))
-    require(weight.shape[0] == x.shape[1], f"weight has {weight.shape[0]} entries, hidden size is {x.shape[1]}")
+    require(weight.shape[0] == x.shape[1], lambda: f"weight has {weight.shape[0]} entries, hidden size is {x.shape[1]}")
     tensors = {"x": x, "weight": weight}
     if residual is not None:
         check_tensor("residual", residual, 2, (x.dtype,))
-        require(residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+        require(residual.shape == x.shape, lambda: f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
         tensors["residual"] = residual
     check_same_device(**tensors)
     out = torch.empty_like(x)

@@ -72,9 +72,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     check_same_device(q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
     t, hq, d = q.shape
     rot = cos_sin_cache.shape[1]
-    require(k.shape[0] == t and k.shape[2] == d, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
-    require(positions.shape[0] == t, f"positions has {positions.shape[0]} entries for {t} tokens")
-    require(rot % 2 == 0 and 0 < rot <= d, f"rotary dim {rot} must be even and <= head_dim {d}")
+    require(k.shape[0] == t and k.shape[2] == d, lambda: f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    require(positions.shape[0] == t, lambda: f"positions has {positions.shape[0]} entries for {t} tokens")
+    require(rot % 2 == 0 and 0 < rot <= d, lambda: f"rotary dim {rot} must be even and <= head_dim {d}")
     if t == 0:
         return q, k
     half = rot // 2

@@ -3,7 +3,7 @@
 ``EngineCore.step()`` = schedule (plain data) -> forward -> sample -> commit, and returns what
 each request gained this step. A failed step fails only the requests in it; the engine goes on.
 
-Overlap scheduling (CUDA, unless --disable-overlap-schedule): ``step()`` plans and launches step
+Overlap scheduling (unless --disable-overlap-schedule): ``step()`` plans and launches step
 N+1 while step N still runs on the GPU, then waits for N's tokens and commits them, so the host's
 scheduling, batch building and output handling hide behind device work. Step N+1 reads N's
 sampled ids on the device (``FUTURE_TOKEN``). The price: a request that hits a stop token in N
@@ -88,7 +88,8 @@ class InFlight:
 
 class EngineCore:
     def __init__(self, cfg: EngineConfig, runner: ModelRunner | None = None, overlap: bool | None = None) -> None:
-        """``overlap``: None = on for CUDA unless --disable-overlap-schedule (tests force it on CPU)."""
+        """``overlap``: None = on unless --disable-overlap-schedule. On CPU it gains nothing (one
+        device, synchronous), but CPU runs then take the path GPU runs take, and CI tests it."""
         self.cfg = cfg
         self.runner = runner or ModelRunner(cfg)
         self.kv = KVManager(self.runner.pool.num_pages, cfg.cache.page_size,
@@ -97,7 +98,7 @@ class EngineCore:
         self.scheduler = Scheduler(cfg.scheduler, self.kv, max_running, self.runner.context_length)
         self.eos_ids = frozenset(self.runner.loaded.eos_token_ids)
         if overlap is None:
-            overlap = self.runner.device.type == "cuda" and not cfg.kernel.disable_overlap_schedule
+            overlap = not cfg.kernel.disable_overlap_schedule
         self.overlap = overlap
         self._pending: list[RequestOutput] = []   # outputs produced outside step() (aborts)
         self._inflight: InFlight | None = None    # launched, not yet committed

@@ -1,5 +1,5 @@
 """Overlap scheduling (step N+1 planned and launched before step N's tokens are on the host),
-forced on for CPU: the same tokens as the synchronous loop and as transformers, no page leaked,
+on here as everywhere by default, against the synchronous loop (--disable-overlap-schedule): the same tokens as the synchronous loop and as transformers, no page leaked,
 aborts and stop tokens handled one step late without losing or duplicating output."""
 
 from __future__ import annotations
