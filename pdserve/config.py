@@ -79,7 +79,9 @@ class CacheConfig:
     mem_fraction_static: float | None = opt(None, "Fraction of device memory for weights + KV pool "
                                             "(GPU default 0.88); on CPU, of free RAM (default 0.25).")
     max_total_tokens: int | None = opt(None, "KV pool size in tokens; overrides --mem-fraction-static.")
-    kv_cache_dtype: str = opt("auto", "KV cache dtype.", choices=("auto", "fp8_e4m3", "fp8_e5m2"))
+    kv_cache_dtype: str = opt("auto", "KV cache dtype: auto = the model dtype; fp8 halves the pages "
+                              "(per-tensor scale 1.0), prefill and decode must match.",
+                              choices=("auto", "fp8_e4m3", "fp8_e5m2"))
     disable_radix_cache: bool = opt(False, "Turn the prefix (radix) cache off.")
 
     def __post_init__(self) -> None:

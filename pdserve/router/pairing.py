@@ -49,8 +49,10 @@ class Target:
         return (self.decode.node_id,) if self.prefill is None else (self.prefill.node_id, self.decode.node_id)
 
 
-def compat_key(node: NodeInfo) -> tuple[str, int]:
-    return (node.fingerprint, node.page_size)
+def compat_key(node: NodeInfo) -> tuple[str, int, str]:
+    """Nodes whose KV pages are interchangeable: same model and weights, page size and KV cache
+    dtype (``dtype`` is the pool's: an fp8 prefill node cannot feed a bf16 decode node)."""
+    return (node.fingerprint, node.page_size, node.dtype)
 
 
 def is_usable(node: NodeInfo) -> bool:

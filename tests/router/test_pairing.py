@@ -19,7 +19,8 @@ def cluster(*specs):
 def test_pairs_only_compatible_nodes():
     nodes = cluster(("p0", "prefill", {"fingerprint": "A"}), ("d0", "decode", {"fingerprint": "B"}),
                     ("d1", "decode", {"fingerprint": "A", "page_size": 32}),
-                    ("d2", "decode", {"fingerprint": "A", "protocol_version": PROTOCOL_VERSION + 1}))
+                    ("d2", "decode", {"fingerprint": "A", "protocol_version": PROTOCOL_VERSION + 1}),
+                    ("d4", "decode", {"fingerprint": "A", "dtype": "float8_e4m3fn"}))  # KV dtype differs
     assert not has_capacity(nodes.values())
     assert Pairing("least_load").pick(nodes, {}, {}, [1] * 40) is None
     nodes.update(cluster(("d3", "decode", {"fingerprint": "A"})))

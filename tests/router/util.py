@@ -12,7 +12,7 @@ def make_info(node_id: str, role: str = "prefill", *, addr: str | None = None, f
               bootstrap: str | None = None, **kw) -> NodeInfo:
     return NodeInfo(node_id=node_id, role=role, addr=addr or f"tcp://127.0.0.1:1/{node_id}",
                     bootstrap=bootstrap or f"tcp://127.0.0.1:2/{node_id}", model="smollm2",
-                    fingerprint=fingerprint, dtype="float32", page_size=page_size,
+                    fingerprint=fingerprint, dtype=kw.pop("dtype", "float32"), page_size=page_size,
                     context_length=context_length, vocab_size=vocab_size, max_total_tokens=4096,
                     started_at=kw.pop("started_at", time.time()), **kw)
 
