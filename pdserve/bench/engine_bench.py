@@ -1,21 +1,35 @@
 """Offline engine throughput beside transformers ``generate`` in the same process.
 
-    python -m pdserve.bench.engine_bench --batch-sizes 1,8 --input-len 256 --output-len 64
+    python -m pdserve.bench.engine_bench --batch-sizes 1,8 --input-len 256 --output-len 64 \\
+        --dtype float32,bfloat16 --quantization none,w8a8_int8 --transformers-dtype float32,bfloat16
 
 Output tok/s = batch x output tokens / wall time of the whole generate call (prefill included),
-greedy, ignore_eos, same weights (the model's GGUF or folder) and dtype for both. Each figure is
+greedy, ignore_eos, same weights (the model's GGUF or folder). Every pdserve configuration
+(each ``--dtype`` x each ``--quantization``) is printed beside every transformers dtype
+(``--transformers-dtype``), so same-dtype ratios are visible next to the others. Each figure is
 the best of ``--repeats`` runs after one warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import time
+from dataclasses import asdict, dataclass
 
 import torch
+
+
+@dataclass
+class Row:
+    batch: int
+    engine: str          # "pdserve" or "transformers"
+    dtype: str
+    quantization: str    # "none" for unquantized
+    tok_s: float
 
 
 def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -52,12 +66,61 @@ def bench_transformers(model, batch: int, input_len: int, output_len: int, repea
     return batch * output_len / best
 
 
-def load_transformers(model_path: str):
+def load_transformers(model_path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
+    torch_dtype = getattr(torch, dtype)
     if model_path.endswith(".gguf"):
         folder, name = os.path.split(model_path)
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).eval()
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run_pdserve(path: str, args, batches: list[int]) -> list[Row]:
+    from pdserve import Engine
+    rows = []
+    for dtype in _csv(args.dtype):
+        for quant in _csv(args.quantization):
+            engine = Engine(model_path=path, max_total_tokens=16384, cpu_threads=args.cpu_threads, device="cpu",
+                            dtype=dtype, quantization=None if quant == "none" else quant)
+            for b in batches:
+                tok_s = bench_pdserve(engine, b, args.input_len, args.output_len, args.repeats)
+                rows.append(Row(b, "pdserve", dtype, quant, tok_s))
+            del engine
+            gc.collect()
+    return rows
+
+
+def run_transformers(path: str, args, batches: list[int]) -> list[Row]:
+    rows = []
+    for dtype in _csv(args.transformers_dtype):
+        model = load_transformers(path, dtype)
+        vocab = model.config.vocab_size
+        for b in batches:
+            rows.append(Row(b, "transformers", dtype, "none",
+                            bench_transformers(model, b, args.input_len, args.output_len, args.repeats, vocab)))
+        del model
+        gc.collect()
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """One line per (batch, engine configuration); one ratio column per transformers dtype."""
+    base = {(r.batch, r.dtype): r.tok_s for r in rows if r.engine == "transformers"}
+    base_dtypes = sorted({r.dtype for r in rows if r.engine == "transformers"}, key=lambda d: d != "float32")
+    head = f"{'batch':>5}  {'engine':<12} {'dtype':<9} {'quantization':<12} {'tok/s':>8}"
+    head += "".join(f"  {'vs HF ' + d:>16}" for d in base_dtypes)
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r.batch, r.engine != "transformers")):
+        line = f"{r.batch:>5}  {r.engine:<12} {r.dtype:<9} {r.quantization:<12} {r.tok_s:>8.1f}"
+        for d in base_dtypes:
+            ref = base.get((r.batch, d))
+            line += f"  {(f'{r.tok_s / ref:.2f}x' if ref else '-'):>16}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,33 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cpu-threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", help="pdserve --dtype values, comma-separated")
+    ap.add_argument("--quantization", default="none", help="pdserve --quantization values (none, w8a8_int8), "
+                    "comma-separated; every dtype runs with every quantization")
+    ap.add_argument("--transformers-dtype", default="float32,bfloat16",
+                    help="dtypes of the transformers baseline, comma-separated")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    from pdserve import Engine
     from pdserve.model_pull import resolve_model_path
+    from pdserve.models.quant import check_quantization
+    for q in _csv(args.quantization):
+        check_quantization(None if q == "none" else q)
     path = resolve_model_path(args.model_path, None)
-    engine = Engine(model_path=path, max_total_tokens=16384, cpu_threads=args.cpu_threads, device="cpu")
-    hf = None if args.skip_transformers else load_transformers(path)
-    rows = []
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        ours = bench_pdserve(engine, b, args.input_len, args.output_len, args.repeats)
-        theirs = None if hf is None else bench_transformers(hf, b, args.input_len, args.output_len, args.repeats,
-                                                            engine.core.vocab_size)
-        rows.append({"batch": b, "pdserve_tok_s": ours, "transformers_tok_s": theirs,
-                     "speedup": ours / theirs if theirs else None})
+    batches = [int(x) for x in _csv(args.batch_sizes)]
+    rows = run_pdserve(path, args, batches)
+    if not args.skip_transformers:
+        rows += run_transformers(path, args, batches)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; {args.input_len} in / {args.output_len} out, greedy")
-    print(f"{'batch':>5} {'pdserve tok/s':>14} {'transformers tok/s':>19} {'speedup':>8}")
-    for r in rows:
-        t = f"{r['transformers_tok_s']:.1f}" if r["transformers_tok_s"] else "-"
-        s = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        print(f"{r['batch']:>5} {r['pdserve_tok_s']:>14.1f} {t:>19} {s:>8}")
+          f"threads {torch.get_num_threads()}; {args.input_len} in / {args.output_len} out, greedy, "
+          f"best of {args.repeats}")
+    print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
+            json.dump({"rows": [asdict(r) for r in rows], "args": vars(args)}, f, indent=2)
     return 0
 
 

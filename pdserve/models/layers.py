@@ -296,6 +296,7 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = None  # [max_positions, D] fp32 = cat(cos, sin), for the Triton kernel on CUDA
         if torch.device(device).type == "cuda":
             self.cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
+        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same shapes and dtype).
@@ -304,9 +305,14 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda and self.cos_sin is not None:
             from pdserve.kernels.rotary import apply_rotary
             return apply_rotary(q, k, positions, self.cos_sin)
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """positions [T]; x [T, H, D] -> rotated copy (the torch path; q and k may go in together)."""
+        if self._gathered is None or self._gathered[0] is not positions:
+            # every layer of a step passes the same positions tensor: gather cos/sin once per step
+            self._gathered = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        return _rotate(x, self._gathered[1], self._gathered[2])  # cos, sin: [T, 1, D / 2]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

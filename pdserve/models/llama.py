@@ -47,13 +47,17 @@ class LlamaAttention(nn.Module):
                 batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)     # [T, Hq, D]
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is None and not qkv.is_cuda:  # q and k side by side: rotate them in one go
+            qk = rope.rotate(positions, qkv[:, :self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads,
+                                                                                 self.head_dim))
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
+        else:
+            q = qkv[:, :self.q_size].reshape(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].reshape(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(positions, q, k)
         out = attn.forward(self.layer_idx, q, k, v, batch, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
 

@@ -28,10 +28,12 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Plain-torch attention over the paged pool (the CPU path and the kernels' reference).
 
-    Decode tokens of a step are attended together: their contexts are gathered into one padded
-    ``[B, L, Hkv, D]`` block and GQA is done by grouping query heads per KV head, so a step costs
-    two batched matmuls per layer instead of one call per sequence. Prefill chunks go one
-    sequence at a time with a causal mask offset by the cached prefix.
+    Decode tokens of a step are attended together: their pages are gathered (one ``index_select``
+    of whole pages each for K and V) and copied once into a padded head-major ``[Hkv * B, L, D]``
+    block; the G query heads sharing a KV head are the rows of one matmul, so a layer costs one
+    ``baddbmm`` (scale and padding mask fused in) and one ``bmm`` for the whole batch. Prefill
+    chunks go one sequence at a time through SDPA (torch's fused CPU kernel, GQA without copies):
+    plain causal for a first chunk, else a mask offset by the cached prefix, built once per step.
 
     FP8 pools: ``pool.write`` quantizes (scale, saturate) and ``_context`` dequantizes the gathered
     pages to the query dtype (``x * scale``). Every key, the step's own included, is read back from
@@ -50,8 +52,11 @@ class TorchAttention:
         batch.extras["torch_prefill_idx"] = [i for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1]
         # Contexts are read page by page (index_select of whole pages: one index per page_size
         # tokens), then positions past each sequence's length are masked.
+        prefill = {i: s for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1}
         batch.extras["torch_pages"] = {i: torch.tensor(s.page_ids[:-(-s.kv_len // ps)], dtype=torch.int64, device=dev)
-                                       for i, s in enumerate(batch.seqs) if s.num_new_tokens != 1}
+                                       for i, s in prefill.items()}
+        batch.extras["torch_prefill_mask"] = {i: _causal_mask(s, -(-s.kv_len // ps) * ps, dev) if s.start_pos else None
+                                              for i, s in prefill.items()}
         if not dec:
             return
         lens = [batch.seqs[i].kv_len for i in dec]
@@ -61,8 +66,9 @@ class TorchAttention:
             n = -(-lens[row] // ps)
             table[row, :n] = torch.tensor(batch.seqs[i].page_ids[:n], dtype=torch.int64)
         valid = torch.arange(max_pages * ps)[None, :] < torch.tensor(lens)[:, None]   # [B, L]
-        batch.extras["torch_decode"] = (table.view(-1).to(dev), valid.to(dev),
-                                        torch.tensor([batch.q_starts[i] for i in dec], device=dev))
+        rows = None if len(dec) == batch.num_tokens else torch.tensor([batch.q_starts[i] for i in dec], device=dev)
+        batch.extras["torch_decode"] = (table.view(-1).to(dev), valid.to(dev), rows)
+        batch.extras["torch_decode_bias"] = {}  # dtype -> [Hkv * B, 1, L] additive mask, built by layer 0
 
     def _context(self, layer: int, pages: torch.Tensor, rows: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,42 +84,69 @@ class TorchAttention:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch, scale: float) -> torch.Tensor:
         self.pool.write(layer, batch.out_loc, k, v)
-        out = torch.empty_like(q)
         if batch.extras.get("torch_decode_idx"):
-            table, valid, rows = batch.extras["torch_decode"]
-            keys, values = self._context(layer, table, rows.numel(), q.dtype)  # [B, L, Hkv, D]
-            out[rows] = grouped_attention(q[rows][:, None], keys, values, valid[:, None, :], scale)[:, 0]
+            rows = batch.extras["torch_decode"][2]
+            if rows is None:  # a decode-only step: every token is a decode row, in order
+                return self._decode(layer, q, batch, scale)
+            out = torch.empty_like(q)
+            out[rows] = self._decode(layer, q[rows], batch, scale)
+        else:
+            out = torch.empty_like(q)
         for i in batch.extras.get("torch_prefill_idx", ()):
             seq, q_start = batch.seqs[i], batch.q_starts[i]
             n = seq.num_new_tokens
+            if n == 0:
+                continue
             keys, values = self._context(layer, batch.extras["torch_pages"][i], 1, q.dtype)  # [1, L, Hkv, D]
-            q_pos = torch.arange(seq.start_pos, seq.kv_len, device=q.device)[:, None]
-            mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= q_pos  # [n, L]; also cuts the page tail
-            out[q_start:q_start + n] = grouped_attention(q[None, q_start:q_start + n], keys, values,
-                                                         mask[None], scale)[0]
+            mask = batch.extras["torch_prefill_mask"][i]  # [n, L], or None: no prefix, plain causal
+            if mask is None:
+                keys, values = keys[:, :n], values[:, :n]
+            # 4-D [1, H, len, D] views: torch's fused CPU (flash) kernel; 3-D inputs take the math path
+            out[q_start:q_start + n] = F.scaled_dot_product_attention(
+                q[None, q_start:q_start + n].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)[0].transpose(0, 1)
         return out
 
+    def _decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """The step's decode tokens, q ``[B, Hq, D]`` -> ``[B, Hq, D]``."""
+        table, valid, _ = batch.extras["torch_decode"]
+        b, hq, d = q.shape
+        hkv = self.pool.layout.num_kv_heads
+        g = hq // hkv
+        keys, values = self._decode_context(layer, table, b, q.dtype)             # [Hkv * B, L, D]
+        bias = batch.extras["torch_decode_bias"].get(q.dtype)
+        if bias is None:  # 0 where a position is in the sequence, -inf past its end
+            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+            bias = batch.extras["torch_decode_bias"][q.dtype] = bias.repeat(hkv, 1)[:, None, :]  # [Hkv * B, 1, L]
+        qg = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv * b, g, d)            # [Hkv * B, G, D]
+        scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=scale)       # [Hkv * B, G, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(probs, values)                                            # [Hkv * B, G, D]
+        return out.view(hkv, b, g, d).transpose(0, 1).reshape(b, hq, d)
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """q ``[B, n, Hq, D]``, k/v ``[B, L, Hkv, D]``, mask ``[B, n, L]`` (True = attend) -> ``[B, n, Hq, D]``.
+    def _decode_context(self, layer: int, table: torch.Tensor, b: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``b`` equal-length page tables (flat ``table``) -> two head-major
+        ``[Hkv * b, L, D]`` blocks in ``dtype``: one gather of whole pages, then one copy that
+        transposes (and converts; fp8 is then scaled), instead of a gather and a transposing copy
+        per tensor in the stored dtype."""
+        out = []
+        for pool_view, scale in zip((self.pool.k(layer), self.pool.v(layer)), self.pool.scales(layer)):
+            pages = pool_view.index_select(0, table)                               # [b * P, page_size, Hkv, D]
+            _, ps, hkv, d = pages.shape
+            block = torch.empty(hkv, b, table.numel() // b * ps, d, dtype=dtype, device=pages.device)
+            block.view(hkv, b, -1, ps, d).copy_(pages.view(b, -1, ps, hkv, d).permute(3, 0, 1, 2, 4))
+            if self.pool.is_fp8 and scale != 1.0:
+                block.mul_(scale)
+            out.append(block.view(hkv * b, -1, d))
+        return out[0], out[1]
 
-    The G query heads sharing a KV head are folded into the rows of one matmul per KV head
-    (``[G*n, D] @ [D, L]``), so K and V are each copied once into ``[B, Hkv, L, D]`` and never
-    repeated per query head (a broadcast matmul would expand them G times).
-    """
-    b, n, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    qg = q.reshape(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)  # [B, Hkv, G*n, D]
-    kh = k.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
-    vh = v.to(q.dtype).transpose(1, 2).contiguous()                                  # [B, Hkv, L, D]
-    scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale                          # [B, Hkv, G*n, L]
-    rows_mask = mask[:, None].expand(b, g, n, mask.shape[-1]).reshape(b, 1, g * n, mask.shape[-1])
-    scores = scores.masked_fill(~rows_mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vh)                                                     # [B, Hkv, G*n, D]
-    return out.reshape(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
+
+def _causal_mask(seq, num_keys: int, device: torch.device) -> torch.Tensor:
+    """``[n, num_keys]``, True = attend: causal, offset by the cached prefix; also cuts the last
+    page's tail (keys past ``kv_len``)."""
+    q_pos = torch.arange(seq.start_pos, seq.kv_len, device=device)[:, None]
+    return torch.arange(num_keys, device=device)[None, :] <= q_pos
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
