@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.models import quant_native
 from pdserve.models.quant import check_int8_shape, check_quantization, int8_linear, quantize_weight
 
 
@@ -77,6 +78,7 @@ class QuantizableLinear(nn.Module):
     def _init_quant(self) -> None:
         self.register_buffer("qweight", None)        # [out, in] int8 after quantize_
         self.register_buffer("weight_scale", None)   # [out] float32 after quantize_
+        self.packed_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # for the native CPU kernel
 
     def quantize_(self, method: str) -> None:
         check_quantization(method)
@@ -84,12 +86,14 @@ class QuantizableLinear(nn.Module):
         check_int8_shape(codes, type(self).__name__)
         del self.weight
         self.qweight, self.weight_scale = codes, scale
+        if quant_native.can_pack(codes):
+            self.packed_weight = quant_native.pack_weight(codes)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x W^T (+ bias) -> ``out_dtype`` (default: x's dtype)."""
         if self.qweight is not None:
-            return int8_linear(x, self.qweight, self.weight_scale, bias, out_dtype)
+            return int8_linear(x, self.qweight, self.weight_scale, bias, out_dtype, self.packed_weight)
         out = F.linear(x, self.weight, bias)
         return out if out_dtype is None else out.to(out_dtype)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.models import quant_native
+
 QUANTIZATION_METHODS = ("w8a8_int8",)
 INT8_MAX = 127.0
 _TINY = 1e-10          # scale of an all-zero row (its codes are all 0 whatever the scale)
@@ -39,7 +41,7 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``|x| * (127 / max|x|)`` never exceeds 127 by more than a rounding, so no clamp is needed."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=_TINY)   # [M, 1] (5x faster than aminmax)
-    codes = (x.float() * (INT8_MAX / amax)).round_().to(torch.int8)
+    codes = (x.float() * amax.reciprocal().mul_(INT8_MAX)).round_().to(torch.int8)
     return codes, amax.div_(INT8_MAX)
 
 
@@ -54,13 +56,23 @@ def int8_matmul(codes: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x [..., K]`` (float) -> ``[..., N]`` ~= ``x @ (qweight * weight_scale)^T + bias``, in
-    ``out_dtype`` (default: x's dtype)."""
+    ``out_dtype`` (default: x's dtype). ``packed``: ``quant_native.pack_weight(qweight)``, for the
+    native few-row kernel on CPU. Every path gives the same bits."""
     shape = x.shape
-    codes, x_scale = quantize_tokens(x.reshape(-1, shape[-1]))
-    acc = int8_matmul(codes, qweight)                                # [M, N] int32
-    out = acc.to(torch.float32).mul_(weight_scale).mul_(x_scale)     # [M, N] float32
+    rows = x.reshape(-1, shape[-1])
+    native = x.device.type == "cpu" and quant_native.native() is not None
+    if native and packed is not None and rows.shape[0] <= quant_native.GEMV_MAX_ROWS:
+        out = quant_native.gemv(rows, packed[0], packed[1], weight_scale)          # [M, N] float32
+    elif native:
+        codes, x_scale = quant_native.quantize_rows(rows)
+        out = quant_native.dequantize(int8_matmul(codes, qweight), x_scale, weight_scale)
+    else:
+        codes, x_scale = quantize_tokens(rows)
+        acc = int8_matmul(codes, qweight)                                # [M, N] int32
+        out = acc.to(torch.float32).mul_(weight_scale).mul_(x_scale)     # [M, N] float32
     if bias is not None:
         out.add_(bias)
     return out.to(out_dtype or x.dtype).view(*shape[:-1], qweight.shape[0])

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pdserve.runtime import attention_native
 from pdserve.runtime.forward import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool, dequantize_kv
 
@@ -28,7 +29,8 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Plain-torch attention over the paged pool (the CPU path and the kernels' reference).
 
-    Decode tokens of a step are attended together: their pages are gathered (one ``index_select``
+    Decode tokens go through ``attention_native`` (pages read in place, one task per sequence and
+    KV head) where it can run. Otherwise they are attended together: pages gathered (one ``index_select``
     of whole pages each for K and V) and copied once into a padded head-major ``[Hkv * B, L, D]``
     block; the G query heads sharing a KV head are the rows of one matmul, so a layer costs one
     ``baddbmm`` (scale and padding mask fused in) and one ``bmm`` for the whole batch. Prefill
@@ -41,8 +43,9 @@ class TorchAttention:
     kernel uses them at full precision); decode steps read the same values on both backends.
     """
 
-    def __init__(self, pool: KVPool) -> None:
+    def __init__(self, pool: KVPool, use_native: bool = True) -> None:
         self.pool = pool
+        self.use_native = use_native  # decode through attention_native where it can run (CPU, AVX-512)
 
     def init_batch(self, batch: ForwardBatch) -> None:
         dev = batch.input_ids.device
@@ -68,6 +71,7 @@ class TorchAttention:
         valid = torch.arange(max_pages * ps)[None, :] < torch.tensor(lens)[:, None]   # [B, L]
         rows = None if len(dec) == batch.num_tokens else torch.tensor([batch.q_starts[i] for i in dec], device=dev)
         batch.extras["torch_decode"] = (table.view(-1).to(dev), valid.to(dev), rows)
+        batch.extras["torch_decode_native"] = (table.to(dev), torch.tensor(lens, dtype=torch.int64, device=dev))
         batch.extras["torch_decode_bias"] = {}  # dtype -> [Hkv * B, 1, L] additive mask, built by layer 0
 
     def _context(self, layer: int, pages: torch.Tensor, rows: int,
@@ -109,6 +113,9 @@ class TorchAttention:
 
     def _decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
         """The step's decode tokens, q ``[B, Hq, D]`` -> ``[B, Hq, D]``."""
+        if self.use_native and attention_native.supports(self.pool.k(layer), q.shape[1]):
+            table, lens = batch.extras["torch_decode_native"]
+            return attention_native.decode(q, self.pool.k(layer), self.pool.v(layer), table, lens, scale)
         table, valid, _ = batch.extras["torch_decode"]
         b, hq, d = q.shape
         hkv = self.pool.layout.num_kv_heads

@@ -1,9 +1,11 @@
-"""TorchAttention's decode-only step (every token a decode row: the batched head-major path) and a
-prefill-only step, against per-sequence causal SDPA, in fp32 and bf16."""
+"""TorchAttention's decode-only step (every token a decode row), through the native kernel and
+through the batched torch path, and a prefill-only step, against per-sequence causal SDPA, in fp32
+and bf16."""
 
 import pytest
 import torch
 
+from pdserve.runtime import attention_native
 from pdserve.runtime.attention import TorchAttention, reference_attention
 from pdserve.runtime.forward import SeqChunk, build_forward_batch, page_slots
 from pdserve.runtime.kv_pool import KVLayout, KVPool
@@ -30,13 +32,17 @@ def _check(att, step, q, out, atol):
         torch.testing.assert_close(out[q0:q0 + seq.num_new_tokens].float(), ref, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 1)])
-def test_decode_only_step_matches_reference(hq, hkv, dtype, atol):
+def test_decode_only_step_matches_reference(hq, hkv, dtype, atol, native):
+    if native and attention_native.native() is None:
+        pytest.skip("native CPU kernels unavailable here (no AVX-512 or no C compiler)")
     gen = torch.Generator().manual_seed(hq * 10 + hkv)
     pool = KVPool(16, KVLayout(num_layers=1, num_kv_heads=hkv, head_dim=D, page_size=PS,
                                dtype=str(dtype).removeprefix("torch.")))
-    att = TorchAttention(pool)
+    att = TorchAttention(pool, use_native=native)
+    assert not native or attention_native.supports(pool.k(0), hq)  # the native case really runs native
     _fill(att, hq, hkv, dtype, gen)
     step = build_forward_batch([SeqChunk(r, [1], LENS[r] - 1, TABLES[r]) for r in TABLES], PS)
     q, k, v = (torch.randn(len(TABLES), h, D, generator=gen).to(dtype) for h in (hq, hkv, hkv))
