@@ -24,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 
+from pdserve.runtime.kv_pool import FP8_DTYPES  # KV pages only (--kv-cache-dtype): one definition, the pool's
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV pages only (--kv-cache-dtype)
 
 
 def next_pow2(n: int) -> int:

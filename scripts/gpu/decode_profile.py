@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from engine_bench import (ARCHS, HBM_BYTES_PER_S, decode_floor_ms, make_runner, page_tables,  # noqa: E402
-                          param_counts, prefill_floor_ms, write_model_dir)
+from engine_bench import (ARCHS, HBM_BYTES_PER_S, decode_floor_ms, param_counts, prefill_floor_ms,  # noqa: E402
+                          write_model_dir)
+from pdserve_timing import make_runner, page_tables  # noqa: E402
 
 CLASSES = (("attention", ("decode_split", "decode_reduce", "extend")), ("kv store", ("store_kv", "kv_store")),
            ("norm", ("rmsnorm",)), ("rotary", ("rotary",)), ("activation", ("silu",)),

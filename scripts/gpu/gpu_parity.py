@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engine_bench import ARCHS, make_runner, write_model_dir  # noqa: E402
+from engine_bench import ARCHS, write_model_dir  # noqa: E402
+from pdserve_timing import make_runner  # noqa: E402
 
 
 def make_weights(config: dict, seed: int, std: float, head_std: float, device: torch.device,

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from engine_bench import make_runner, write_model_dir  # noqa: E402
+from engine_bench import write_model_dir  # noqa: E402
+from pdserve_timing import make_runner  # noqa: E402
 
 
 def main() -> int:
