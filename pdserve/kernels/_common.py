@@ -6,11 +6,14 @@ not a crash, so the check is the only line of defence.
 
 On CPU the kernels run through Triton's interpreter (``pdserve/kernels/__init__.py`` says when
 it is switched on). It is slow: tests and ``--tiny`` checks only. Triton 3.6's
-interpreter has three bugs that our kernels hit; ``_fix_interpreter`` patches them, and only when
+interpreter has four bugs that our kernels hit; ``_fix_interpreter`` patches them, and only when
 the interpreter is on (the compiled GPU path is never touched):
 - with numpy >= 2.4, a loop bound that is a runtime scalar (``range(start, end)``) fails with
   "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171);
 - ``tl.dot`` on bfloat16 multiplies the raw uint16 storage, giving garbage; we widen to fp32;
+- a cast to bfloat16 (``x.to(tl.bfloat16)``, or a store of fp32 values into a bf16 tensor) drops
+  the low mantissa bits (rounds toward zero), where the GPU rounds to nearest even; such casts
+  go through torch (kernels that mirror a reference's bf16 roundings are then bit-exact on CPU);
 - a downcast to fp8 (``x.to(fp8)``) rounds half-up on the cut-off bit only, halves values whose
   mantissa rounds up into the next binade (7.9 -> 4 in e4m3) and flushes fp8 subnormals to zero,
   and e5m2 -> fp16 flushes e5m2 subnormals; every cast from or to fp8 goes through torch instead
@@ -116,6 +119,13 @@ def _fix_interpreter() -> None:
         return out if out is not None else orig_fp_to_fp(self, src, dst_type, rounding_mode)
 
     interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+    orig_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        out = _bf16_cast_with_torch(src, dst_type.scalar)
+        return out if out is not None else orig_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
     interpreter._pdserve_fixed = True
 
 
@@ -138,6 +148,19 @@ def _fp8_cast_with_torch(handle, dst, rounding_mode):
         return None
     values = np.ascontiguousarray(_widen_bf16(handle).data)  # float32 or float16 values
     return TensorHandle(torch.from_numpy(values).to(fp8[dst]).view(torch.uint8).numpy(), dst)
+
+
+def _bf16_cast_with_torch(handle, dst):
+    """fp32/fp16 -> bf16 rounded to nearest even (torch), as the GPU does; None for other casts."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    wide = {tl.float32: torch.float32, tl.float16: torch.float16}
+    if dst != tl.bfloat16 or handle.dtype.scalar not in wide:
+        return None
+    values = torch.from_numpy(np.ascontiguousarray(handle.data))
+    return TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), dst)
 
 
 def _widen_bf16(handle):

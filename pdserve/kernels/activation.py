@@ -1,7 +1,8 @@
 """SiLU-and-mul, the SwiGLU gate of Llama/Qwen MLPs: ``[T, 2I]`` (gate | up) -> ``silu(gate) * up``.
 
 The gate/up projection is one fused matmul, so its output is read once here and ``[T, I]`` is
-written once; math in fp32, one rounding at the end.
+written once. Math in fp32, rounded as Hugging Face's two ops are (``silu(gate)`` to the
+activation dtype, then the product): see rotary.py for why we follow the reference's roundings.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.co
     mask = offs < inter
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = act * up
     tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -44,5 +46,5 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -5,7 +5,15 @@ are left alone): ``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin``, cos/sin o
 ``position * inv_freq``. The cache is ``[max_positions, R]`` = ``cat(cos, sin)`` per position (the
 vLLM/SGLang layout), built once by ``build_cos_sin_cache`` from any ``inv_freq`` (so Llama-3 or
 YaRN scaling stays in the model code). One program per token rotates all its q and k heads in
-place, in fp32.
+place.
+
+Rounding follows Hugging Face's ``apply_rotary_pos_emb`` (and vLLM's kernel): cos/sin are rounded to
+the activation dtype, and ``x1 * cos``, ``x2 * sin`` and their sum are each rounded to it, as
+three 16-bit tensor ops would be. Each step is computed in fp32 from 16-bit inputs, where a
+product is exact, so the result is the 16-bit ops' result bit for bit; with fp32 activations
+every rounding is a no-op. One rounding at the end would be a little more accurate, but it
+moves about a third of the rotated values by one bf16 step against the reference model, and
+those steps compound over layers into different greedy tokens (the GPU parity check).
 """
 
 from __future__ import annotations
@@ -23,8 +31,23 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, offs_h, offs_r, mask, HALF: tl.cons
     p1 = x_ptr + offs_h[:, None] * stride_h + offs_r[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    r1, r2 = rotate_pair(x1, x2, cos, sin, x_ptr.dtype.element_ty)
+    tl.store(p1, r1, mask=mask)
+    tl.store(p1 + HALF, r2, mask=mask)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rotate_pair(x1, x2, cos, sin, dtype: tl.constexpr):
+    """fp32 halves (values of ``dtype``) -> the rotated halves in ``dtype``, rounded as HF's ops."""
+    c, s = _round(cos, dtype), _round(sin, dtype)
+    r1 = _round(x1 * c, dtype) - _round(x2 * s, dtype)
+    r2 = _round(x2 * c, dtype) + _round(x1 * s, dtype)
+    return r1.to(dtype), r2.to(dtype)
 
 
 @triton.jit
@@ -90,16 +113,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out of place, fp32 math."""
+    """Out of place, as HF computes it: cos/sin in x's dtype, every op rounded to x's dtype."""
     half = cos_sin_cache.shape[1] // 2
-    cos = cos_sin_cache[positions.long(), :half].float()[:, None, :]  # [T, 1, R/2]
-    sin = cos_sin_cache[positions.long(), half:].float()[:, None, :]
+    cos = cos_sin_cache[positions.long(), :half][:, None, :]  # [T, 1, R/2]
+    sin = cos_sin_cache[positions.long(), half:][:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float().clone()
-        x1, x2 = xf[..., :half].clone(), xf[..., half:2 * half].clone()
-        xf[..., :half] = x1 * cos - x2 * sin
-        xf[..., half:2 * half] = x2 * cos + x1 * sin
-        return xf.to(x.dtype)
+        out = x.clone()
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:2 * half]
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:2 * half] = x2 * c + x1 * s
+        return out
 
     return rotate(q), rotate(k)

@@ -305,7 +305,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same shapes and dtype).
 
-        On CUDA the Triton kernel rotates q and k in place (fp32 math, as below) and returns them."""
+        On CUDA the Triton kernel rotates q and k in place (the same roundings as below) and returns them."""
         if q.is_cuda and self.cos_sin is not None:
             from pdserve.kernels.rotary import apply_rotary
             return apply_rotary(q, k, positions, self.cos_sin)
@@ -320,8 +320,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """HF's roundings: cos/sin in x's dtype, each op in x's dtype (kernels/rotary.py says why)."""
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

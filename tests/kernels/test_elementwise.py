@@ -63,6 +63,28 @@ def test_rotary_matches_hf_rotate_half():
     assert_close(q, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_16bit_is_bitwise_hf_ops(dtype):
+    # transformers' apply_rotary_pos_emb in a 16-bit model: cos/sin cast to the dtype, each op rounds
+    cache = build_cos_sin_cache(rope_inv_freq(32, 10000.0), 4096, DEVICE)
+    q, k = _randn(5, 4, 32, dtype=dtype), _randn(5, 2, 32, dtype=dtype, seed=1)
+    pos = torch.tensor([0, 7, 300, 2047, 4095], device=DEVICE)
+    cos = torch.cat([cache[pos, :16]] * 2, -1)[:, None].to(dtype)
+    sin = torch.cat([cache[pos, 16:]] * 2, -1)[:, None].to(dtype)
+    hf_q = q * cos + torch.cat([-q[..., 16:], q[..., :16]], -1) * sin
+    hf_k = k * cos + torch.cat([-k[..., 16:], k[..., :16]], -1) * sin
+    apply_rotary(q, k, pos, cache)
+    assert torch.equal(q, hf_q) and torch.equal(k, hf_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_and_mul_16bit_is_bitwise_hf_ops(dtype):
+    # transformers' LlamaMLP: act_fn(gate) rounds to the dtype, then the product rounds again
+    x = _randn(3, 2 * 300, dtype=dtype)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(silu_and_mul(x), torch.nn.functional.silu(gate) * up)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     x = _randn(3, 2 * 1100, dtype=dtype)  # crosses a 1024 block
