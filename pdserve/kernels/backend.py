@@ -27,6 +27,7 @@ import torch
 from pdserve.kernels.decode_attention import DecodeWorkspace, decode_attention
 from pdserve.kernels.extend_attention import extend_attention
 from pdserve.kernels.kv_store import store_kv
+from pdserve.kernels.rope_store import rope_store_kv
 from pdserve.runtime.forward import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
 
@@ -119,13 +120,21 @@ class TritonAttention:
         batch.extras["triton"] = buffers.fill(table, seq_lens, seq_lens - new_tokens, q_starts,
                                               batch.is_decode, int(new_tokens.max()) if b else 0)
 
+    fuses_rope = True  # forward(..., rope=) rotates q and k in the launch that stores K/V
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                batch: ForwardBatch, scale: float) -> torch.Tensor:
-        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v at ``batch.out_loc``."""
+                batch: ForwardBatch, scale: float,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v at ``batch.out_loc``.
+        ``rope`` = (positions ``[T]``, cos/sin cache): q and k are not rotated yet; rotate them
+        in place (``rope_store_kv``)."""
         meta: TritonBatchMeta = batch.extras["triton"]
         k_pages, v_pages = self.pool.k(layer), self.pool.v(layer)
         k_scale, v_scale = self.pool.scales(layer)
-        store_kv(k_pages, v_pages, batch.out_loc, k, v, k_scale, v_scale)
+        if rope is None:
+            store_kv(k_pages, v_pages, batch.out_loc, k, v, k_scale, v_scale)
+        else:
+            rope_store_kv(q, k, v, rope[0], rope[1], k_pages, v_pages, batch.out_loc, k_scale, v_scale)
         if meta.is_decode:
             return decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens, scale,
                                     k_scale=k_scale, v_scale=v_scale, num_kv_splits=self.splits_for(q.shape[0]),

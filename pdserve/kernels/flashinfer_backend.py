@@ -35,6 +35,8 @@ def _import_flashinfer():
 
 
 class FlashInferAttention:
+    fuses_rope = False
+
     def __init__(self, pool: KVPool, **_unused_triton_options) -> None:
         flashinfer = _import_flashinfer()
         if pool.device.type != "cuda":

@@ -40,13 +40,16 @@ def _store_kv_kernel(
     src_v = v_ptr + t.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     dst_k = k_pages_ptr + page * stride_kp + offset * stride_ks + offs_h[:, None] * stride_kph + offs_d[None, :]
     dst_v = v_pages_ptr + page * stride_vp + offset * stride_vs + offs_h[:, None] * stride_vph + offs_d[None, :]
-    k = tl.load(src_k, mask=mask)
-    v = tl.load(src_v, mask=mask)
-    if FP8_MAX > 0:  # quantize: scale in fp32, saturate to the finite range
-        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -FP8_MAX), FP8_MAX)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -FP8_MAX), FP8_MAX)
-    tl.store(dst_k, k.to(k_pages_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst_v, v.to(v_pages_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_k, to_page(tl.load(src_k, mask=mask), k_inv_scale, FP8_MAX, k_pages_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_v, to_page(tl.load(src_v, mask=mask), v_inv_scale, FP8_MAX, v_pages_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def to_page(x, inv_scale, FP8_MAX: tl.constexpr, dtype: tl.constexpr):
+    """Values -> the page dtype; fp8 (FP8_MAX > 0): scaled in fp32 and saturated to the finite range."""
+    if FP8_MAX > 0:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
+    return x.to(dtype)
 
 
 def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
@@ -56,6 +59,23 @@ def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k:
     Slots must lie inside the pool (``loc < num_pages * page_size``); negative slots are skipped.
     fp8 pages store ``clamp(x / scale)``; other page dtypes need scales of 1.0.
     """
+    fmax = check_store_args(k_pages, v_pages, loc, k, v, k_scale, v_scale)
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    block_h, block_d = max(2, next_pow2(hkv)), next_pow2(d)  # no size-1 aranges
+    _store_kv_kernel[(t,)](
+        k, v, k_pages, v_pages, loc, 1.0 / k_scale, 1.0 / v_scale, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),
+        v_pages.stride(2),
+        NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=k_pages.shape[1],
+        FP8_MAX=fmax, num_warps=store_warps(block_h, block_d),
+    )
+
+
+def check_store_args(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, k_scale: float, v_scale: float) -> float:
+    """Checks ``store_kv``'s arguments; -> the fp8 clamp of the page dtype (0.0: not fp8)."""
     check_tensor("k", k, 3, FLOAT_DTYPES)
     check_tensor("v", v, 3, FLOAT_DTYPES)
     check_tensor("k_pages", k_pages, 4, FLOAT_DTYPES + FP8_DTYPES)
@@ -72,16 +92,11 @@ def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k:
     require(k_scale > 0 and v_scale > 0 and (fmax > 0 or k_scale == v_scale == 1.0),
             lambda: f"k_scale {k_scale} / v_scale {v_scale}: positive, and 1.0 unless the pages are fp8 "
                     f"({k_pages.dtype})")
-    if t == 0:
-        return
-    block_h, block_d = max(2, next_pow2(hkv)), next_pow2(d)  # no size-1 aranges
-    _store_kv_kernel[(t,)](
-        k, v, k_pages, v_pages, loc, 1.0 / k_scale, 1.0 / v_scale, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),
-        v_pages.stride(2),
-        NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=k_pages.shape[1],
-        FP8_MAX=fmax, num_warps=max(1, min(8, block_h * block_d // 256)),
-    )
+    return fmax
+
+
+def store_warps(block_h: int, block_d: int) -> int:
+    return max(1, min(8, block_h * block_d // 256))
 
 
 def store_kv_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,

@@ -82,33 +82,43 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int,
     return torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
 
 
+def check_rotary_args(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor) -> None:
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    check_tensor("k", k, 3, (q.dtype,))
+    check_tensor("positions", positions, 1, (torch.int32, torch.int64))
+    check_tensor("cos_sin_cache", cos_sin_cache, 2, FLOAT_DTYPES)
+    check_same_device(q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    t, _, d = q.shape
+    rot = cos_sin_cache.shape[1]
+    require(k.shape[0] == t and k.shape[2] == d, lambda: f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    require(positions.shape[0] == t, lambda: f"positions has {positions.shape[0]} entries for {t} tokens")
+    require(rot % 2 == 0 and 0 < rot <= d, lambda: f"rotary dim {rot} must be even and <= head_dim {d}")
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` **in place**; positions ``[T]`` int; returns (q, k).
 
     q/k may be strided views (e.g. slices of a fused qkv output); only the last dim must be dense.
     """
-    check_tensor("q", q, 3, FLOAT_DTYPES)
-    check_tensor("k", k, 3, (q.dtype,))
-    check_tensor("positions", positions, 1, (torch.int32, torch.int64))
-    check_tensor("cos_sin_cache", cos_sin_cache, 2, FLOAT_DTYPES)
-    check_same_device(q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
-    t, hq, d = q.shape
-    rot = cos_sin_cache.shape[1]
-    require(k.shape[0] == t and k.shape[2] == d, lambda: f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
-    require(positions.shape[0] == t, lambda: f"positions has {positions.shape[0]} entries for {t} tokens")
-    require(rot % 2 == 0 and 0 < rot <= d, lambda: f"rotary dim {rot} must be even and <= head_dim {d}")
+    check_rotary_args(q, k, positions, cos_sin_cache)
+    t, hq, _ = q.shape
     if t == 0:
         return q, k
-    half = rot // 2
+    half = cos_sin_cache.shape[1] // 2
     _rotary_kernel[(t,)](
         q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin_cache.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=max(2, next_pow2(hq)), BLOCK_KH=max(2, next_pow2(k.shape[1])), BLOCK_R=max(2, next_pow2(half)),
-        num_warps=4 if hq * half >= 1024 else 1,
+        num_warps=rotary_warps(hq, half),
     )
     return q, k
+
+
+def rotary_warps(num_q_heads: int, half: int) -> int:
+    return 4 if num_q_heads * half >= 1024 else 1
 
 
 def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

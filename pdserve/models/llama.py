@@ -57,6 +57,9 @@ class LlamaAttention(nn.Module):
             k = qkv[:, self.q_size:self.q_size + self.kv_size].reshape(t, self.num_kv_heads, self.head_dim)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
+            if attn.fuses_rope and rope.cos_sin is not None:  # rotated where K/V are stored
+                out = attn.forward(self.layer_idx, q, k, v, batch, self.scale, rope=(positions, rope.cos_sin))
+                return self.o_proj(out.reshape(t, self.q_size))
             q, k = rope(positions, q, k)
         out = attn.forward(self.layer_idx, q, k, v, batch, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))

@@ -18,6 +18,10 @@ from pdserve.runtime.kv_pool import KVPool, dequantize_kv
 
 
 class AttentionBackend(Protocol):
+    # True: ``forward`` also takes ``rope=(positions, cos_sin_cache)`` with q and k not yet
+    # rotated, and rotates them in place as it stores K/V (one kernel instead of two)
+    fuses_rope: bool
+
     def init_batch(self, batch: ForwardBatch) -> None:
         """Prepare per-step metadata (called once per step, before the layers)."""
 
@@ -42,6 +46,8 @@ class TorchAttention:
     the pool, so here a prefill chunk attends its own tokens after fp8 rounding (the Triton extend
     kernel uses them at full precision); decode steps read the same values on both backends.
     """
+
+    fuses_rope = False
 
     def __init__(self, pool: KVPool, use_native: bool = True) -> None:
         self.pool = pool

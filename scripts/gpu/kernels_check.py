@@ -165,6 +165,35 @@ def check_elementwise(res: Results, sh: Shapes, dtype, device) -> None:
     kv_store.store_kv(kp, vp, loc, kn, vn)
     kv_store.store_kv_ref(ref_buf[:, 1, 0], ref_buf[:, 1, 1], loc, kn, vn)
     res.flag("store_kv (strided layer view, slot -1 skipped)", torch.equal(buf, ref_buf), "exact")
+    res.flag("rotary == transformers' 16-bit ops", torch.equal(q, rq) and torch.equal(k, rk), "exact")
+    res.flag("silu_and_mul == transformers' 16-bit ops",
+             torch.equal(activation.silu_and_mul(g), activation.silu_and_mul_ref(g)), "exact")
+    check_rope_store(res, sh, dtype, device, cache, rows)
+
+
+def check_rope_store(res: Results, sh: Shapes, dtype, device, cache, rows: int) -> None:
+    """The fused rotary + store launch against the two kernels it replaces: bit for bit."""
+    import torch
+    from pdserve.kernels import kv_store, rope_store, rotary
+    hq, hkv = sh.num_q_heads, sh.num_kv_heads
+    qkv = torch.randn(rows, hq + 2 * hkv, sh.head_dim, device=device).to(dtype)
+    pos = torch.randint(0, 8192, (rows,), device=device)
+    loc = torch.randperm(64 * sh.page_size, device=device)[:rows]
+    loc[0] = -1
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(11)  # the same starting pool for both
+        buf, kp, vp = _pool_views(64, hkv, sh, dtype, device)
+        x = qkv.clone()
+        q, k, v = x[:, :hq], x[:, hq:hq + hkv], x[:, hq + hkv:]
+        if fused:
+            rope_store.rope_store_kv(q, k, v, pos, cache, kp, vp, loc)
+        else:
+            rotary.apply_rotary(q, k, pos, cache)
+            kv_store.store_kv(kp, vp, loc, k, v)
+        outs.append((x, buf))
+    res.flag("rope_store_kv == apply_rotary + store_kv",
+             torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), "exact")
 
 
 def check_backends(res: Results, sh: Shapes, dtype, device) -> None:

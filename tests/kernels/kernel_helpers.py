@@ -9,7 +9,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def tolerances(dtype: torch.dtype) -> dict:
-    # bf16: a couple of ulps (the interpreter truncates fp32->bf16, the GPU rounds)
+    # bf16: a couple of ulps (kernels and references sum in different orders)
     return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
 
 

@@ -5,6 +5,7 @@ import torch
 
 from kernel_helpers import DEVICE, DTYPES, assert_close
 from pdserve.kernels.backend import TritonAttention
+from pdserve.kernels.rotary import apply_rotary_ref, build_cos_sin_cache, rope_inv_freq
 from pdserve.runtime.attention import TorchAttention, make_attention_backend
 from pdserve.runtime.forward import SeqChunk, build_forward_batch
 from pdserve.runtime.kv_pool import KVLayout, KVPool
@@ -21,7 +22,7 @@ def _pools(dtype: torch.dtype) -> tuple[KVPool, KVPool]:
     return a, b
 
 
-def _run_step(seqs, dtype, backend_kwargs=None):
+def _run_step(seqs, dtype, backend_kwargs=None, fused_rope=False):
     torch_pool, triton_pool = _pools(dtype)
     ref, tri = TorchAttention(torch_pool), TritonAttention(triton_pool, **(backend_kwargs or {}))
     batch = build_forward_batch(seqs, PAGE_SIZE, DEVICE)
@@ -32,7 +33,14 @@ def _run_step(seqs, dtype, backend_kwargs=None):
         q = torch.randn(batch.num_tokens, HQ, D, generator=g).to(dtype).to(DEVICE)
         k = torch.randn(batch.num_tokens, HKV, D, generator=g).to(dtype).to(DEVICE)
         v = torch.randn(batch.num_tokens, HKV, D, generator=g).to(dtype).to(DEVICE)
-        assert_close(tri.forward(layer, q, k, v, batch, 0.2), ref.forward(layer, q, k, v, batch, 0.2))
+        if fused_rope:  # Triton rotates in its store launch; the reference is handed rotated q/k
+            rope = (batch.positions, build_cos_sin_cache(rope_inv_freq(D, 10000.0), 64, DEVICE))
+            rq, rk = apply_rotary_ref(q, k, *rope)
+            out = tri.forward(layer, q, k, v, batch, 0.2, rope=rope)
+            assert torch.equal(q, rq) and torch.equal(k, rk)  # rotated in place, as the reference
+        else:
+            out = tri.forward(layer, q, k, v, batch, 0.2)
+        assert_close(out, ref.forward(layer, q, k, v, batch, 0.2))
     assert torch.equal(triton_pool.buffer, torch_pool.buffer)
     return tri, batch
 
@@ -47,6 +55,14 @@ def test_mixed_batch_matches_torch(dtype):
     ]
     tri, batch = _run_step(seqs, dtype)
     assert not batch.extras["triton"].is_decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rope_store_matches_rotate_then_torch(dtype):
+    seqs = [SeqChunk("fresh", list(range(9)), 0, [3, 7, 1]), SeqChunk("chunk", list(range(6)), 5, [10, 2, 30]),
+            SeqChunk("decode", [1], 12, [4, 5, 6, 8])]
+    assert TritonAttention.fuses_rope and not TorchAttention.fuses_rope
+    _run_step(seqs, dtype, fused_rope=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
