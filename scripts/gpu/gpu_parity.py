@@ -62,12 +62,12 @@ def make_weights(config: dict, seed: int, std: float, head_std: float, device: t
     return out
 
 
-def hf_model(model_dir: Path, weights: dict, device: torch.device, dtype: torch.dtype):
+def hf_model(model_dir: Path, weights: dict, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(str(model_dir))
     with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -163,17 +163,50 @@ def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.
               "graph_vs_eager_tokens_equal": ours == eager, "prompts": []}
     del runner
     model = hf_model(model_dir, weights, device, dtype)
-    del weights
+    hf_runs = []
     for i, prompt in enumerate(prompts):
         ref_tokens, margins = hf_greedy(model, prompt, args.new_tokens, device)
-        first = next((j for j, (a, b) in enumerate(zip(ours[i], ref_tokens)) if a != b), None)
+        first = _first_diff(ours[i], ref_tokens)
         forced = hf_logits(model, prompt + ours[i], device)[len(prompt) - 1:-1]  # [n, vocab] at our positions
         cmp = compare_logits(our_logits[i].to(forced.device), forced, args.tie_margin)
         result["prompts"].append({"prompt_len": len(prompt), "greedy_equal": first is None, "first_diff": first,
                                   "hf_margin_at_first_diff": None if first is None else round(margins[first], 4),
                                   **cmp})
+        hf_runs.append((ref_tokens, forced))
     del model
+    if dtype != torch.float32 and not args.skip_baselines:
+        add_baselines(result, model_dir, weights, prompts, ours, our_logits, hf_runs, args, device, dtype)
     return result
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def add_baselines(result: dict, model_dir: Path, weights: dict, prompts, ours, our_logits, hf_runs, args,
+                  device, dtype) -> None:
+    """What 'bf16 tolerance' is on these weights, measured: transformers against itself with its
+    eager attention instead of SDPA (same dtype), and each bf16 engine against transformers in
+    fp32 (teacher-forced over pdserve's tokens)."""
+    model = hf_model(model_dir, weights, device, dtype, attn="eager")
+    eager = [(hf_greedy(model, p, args.new_tokens, device)[0], hf_logits(model, p + ours[i], device)[len(p) - 1:-1])
+             for i, p in enumerate(prompts)]
+    del model
+    model = hf_model(model_dir, {k: v.float() for k, v in weights.items()}, device, torch.float32)
+    for i, p in enumerate(prompts):
+        truth = hf_logits(model, p + ours[i], device)[len(p) - 1:-1]
+        (sdpa_tokens, sdpa_logits), (eager_tokens, eager_logits) = hf_runs[i], eager[i]
+        std = float(truth.std())
+        result["prompts"][i]["baselines"] = {
+            "hf_eager_vs_sdpa_first_diff": _first_diff(eager_tokens, sdpa_tokens),
+            "hf_eager_vs_sdpa_rel_diff": round(float((eager_logits - sdpa_logits).abs().max()) / std, 4),
+            "ours_vs_fp32_rel_diff": round(float((our_logits[i].to(truth.device) - truth).abs().max()) / std, 4),
+            "hf_vs_fp32_rel_diff": round(float((sdpa_logits - truth).abs().max()) / std, 4),
+            "ours_top1_vs_fp32": round(float((our_logits[i].to(truth.device).argmax(-1) == truth.argmax(-1))
+                                             .float().mean()), 4),
+            "hf_top1_vs_fp32": round(float((sdpa_logits.argmax(-1) == truth.argmax(-1)).float().mean()), 4),
+        }
+    del model
 
 
 def verdict(result: dict, rtol: float) -> list[str]:
@@ -200,6 +233,16 @@ def print_result(result: dict, problems: list[str]) -> None:
         diff = "-" if p["first_diff"] is None else f"{p['first_diff']} ({p['hf_margin_at_first_diff']})"
         print(f"| {p['prompt_len']} | {p['greedy_equal']} | {diff} | {p['max_abs_diff']} | {p['rel_diff']} | "
               f"{p['top1_agree']:.1%} | {len(p['ties'])} |")
+    if any("baselines" in p for p in result["prompts"]):
+        print("bf16 baselines (teacher-forced over pdserve's tokens; / std of the fp32 logits):")
+        print("| prompt | HF eager vs HF sdpa: first token diff | / std | pdserve vs HF fp32 | HF bf16 vs HF fp32 |"
+              " top-1 = fp32: pdserve | HF bf16 |")
+        print("|---|---|---|---|---|---|---|")
+        for p in result["prompts"]:
+            b = p["baselines"]
+            print(f"| {p['prompt_len']} | {b['hf_eager_vs_sdpa_first_diff']} | {b['hf_eager_vs_sdpa_rel_diff']} | "
+                  f"{b['ours_vs_fp32_rel_diff']} | {b['hf_vs_fp32_rel_diff']} | {b['ours_top1_vs_fp32']:.1%} | "
+                  f"{b['hf_top1_vs_fp32']:.1%} |")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems), flush=True)
 
 
@@ -220,6 +263,8 @@ def parse_args(argv=None):
     p.add_argument("--rtol", type=float, default=0.1, help="max |logit diff| / logit std allowed")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="--tiny on CPU: triton (interpreter) + the graph runner's padded path, run eagerly")
+    p.add_argument("--skip-baselines", action="store_true",
+                   help="16-bit runs: skip transformers eager-attention and fp32 runs (the bf16 noise baselines)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.tiny:

@@ -38,6 +38,7 @@ def main() -> int:
         for _ in range(3):
             runner.forward(seq)
         torch.cuda.synchronize()
+        enqueue_vs_gpu(runner, seq)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(5):
@@ -48,6 +49,26 @@ def main() -> int:
         print(f"total per forward: {stats.total_tt / 5 * 1e3:.1f} ms host")
         stats.sort_stats("tottime").print_stats(args.top)
     return 0
+
+
+def enqueue_vs_gpu(runner, seq, reps: int = 7) -> None:
+    """Host time to queue one forward (no profiler; the queue starts empty) beside its GPU time
+    (events around it): host-bound when the first is not well below the second."""
+    import statistics
+    import time
+    host, gpu = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        runner.forward(seq)
+        end.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+    print(f"one forward: host enqueue {statistics.median(host):.2f} ms (min {min(host):.2f}), "
+          f"GPU start-to-end {statistics.median(gpu):.2f} ms (min {min(gpu):.2f}), median of {reps}", flush=True)
 
 
 if __name__ == "__main__":
