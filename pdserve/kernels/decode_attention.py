@@ -107,30 +107,27 @@ def _store_out(out_ptr, out, b, kv_head, stride_ob, stride_oh, GROUP: tl.constex
 
 
 @triton.jit
-def _merge_group(mid_o_ptr, mid_lse_ptr, b, kv_head, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                 GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """All splits of the GROUP q heads of ``kv_head`` -> ``[BLOCK_H, BLOCK_D]`` fp32, the math of
-    ``_decode_reduce_kernel``. Loads bypass L1 (``.cg``): other programs wrote these partials."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+def _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, head, stride_mob, stride_moh, stride_mos, stride_mlb,
+                stride_mlh, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """All splits of one q head -> ``out[b, head]``: base-2 LSE weights, zeros when no keys.
+    All splits load at once (``[BLOCK_S, BLOCK_D]``); ``CACHE=".cg"`` when other programs of the
+    same launch wrote the partials (bypass L1)."""
     offs_s = tl.arange(0, BLOCK_S)
-    mask_h = offs_h < GROUP
-    mask_hd = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-    heads = kv_head * GROUP + offs_h
-    ml = mid_lse_ptr + b * stride_mlb + heads * stride_mlh  # [BLOCK_H]
-    lse = tl.load(ml[:, None] + offs_s[None, :], mask=mask_h[:, None] & (offs_s < NUM_SPLITS)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # [BLOCK_H, BLOCK_S]
-    lse_max = tl.max(lse, 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s, mask=mask_s, other=float("-inf"),
+                  cache_modifier=CACHE)
+    lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: weights 0, output 0
-    den = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)  # [BLOCK_H]
-    acc = tl.full([BLOCK_H, BLOCK_D], 0.0, tl.float32)
-    mo = mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + offs_d[None, :]
-    for s in range(NUM_SPLITS):  # one split at a time: [BLOCK_H, BLOCK_D] in registers, not x NUM_SPLITS
-        w = tl.exp2(tl.load(ml + s, mask=mask_h, other=float("-inf"), cache_modifier=".cg") - lse_max)
-        o = tl.load(mo + s * stride_mos, mask=mask_hd, other=0.0, cache_modifier=".cg").to(tl.float32)
-        acc += w[:, None] * o
-    return acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
+    mo = mid_o_ptr + b * stride_mob + head * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
+    o = tl.load(mo, mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+                cache_modifier=CACHE).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -178,9 +175,10 @@ def _decode_merged_kernel(
         counter = counters_ptr + b * stride_cb + kv_head
         finished = tl.atomic_add(counter, 1, sem="acq_rel")  # splits of (b, kv_head) done before this one
         if finished == NUM_SPLITS - 1:  # the last one: every other partial is visible (acquire)
-            merged = _merge_group(mid_o_ptr, mid_lse_ptr, b, kv_head, stride_mob, stride_moh, stride_mos,
-                                  stride_mlb, stride_mlh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
-            _store_out(out_ptr, merged, b, kv_head, stride_ob, stride_oh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D)
+            for h in tl.static_range(GROUP):  # unrolled: every head's loads in flight together
+                _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, kv_head * GROUP + h, stride_mob, stride_moh,
+                            stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                            BLOCK_S, ".cg")
             tl.store(counter, 0)  # the next call, and every CUDA graph replay, starts from zero
 
 
@@ -190,21 +188,8 @@ def _decode_reduce_kernel(
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < HEAD_DIM
-    lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: weights 0, output 0
-    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
-    mo = mid_o_ptr + b * stride_mob + head * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
-    o = tl.load(mo, mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
-    den = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_mob, stride_moh,
+                stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S, "")
 
 
 @dataclass

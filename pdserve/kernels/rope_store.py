@@ -93,6 +93,7 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         NUM_Q_HEADS=hq, NUM_KV_HEADS=hkv, HEAD_DIM=d, HALF=half, BLOCK_QH=max(2, next_pow2(hq)),
         BLOCK_KH=block_kh, BLOCK_R=max(2, next_pow2(half)), BLOCK_D=block_d, PAGE_SIZE=k_pages.shape[1],
         FP8_MAX=fmax, num_warps=max(rotary_warps(hq, half), store_warps(block_kh, block_d)),
+        enable_fp_fusion=False,  # rotary.py's roundings: no FMA contraction
     )
 
 

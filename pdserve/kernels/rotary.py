@@ -10,8 +10,9 @@ place.
 Rounding follows Hugging Face's ``apply_rotary_pos_emb`` (and vLLM's kernel): cos/sin are rounded to
 the activation dtype, and ``x1 * cos``, ``x2 * sin`` and their sum are each rounded to it, as
 three 16-bit tensor ops would be. Each step is computed in fp32 from 16-bit inputs, where a
-product is exact, so the result is the 16-bit ops' result bit for bit; with fp32 activations
-every rounding is a no-op. One rounding at the end would be a little more accurate, but it
+product is exact, so the result is the 16-bit ops' result bit for bit (the kernels are compiled
+with ``enable_fp_fusion=False``: an FMA would skip the rounding of a product, which the H200 showed
+as one-ulp differences); with fp32 activations every rounding is a no-op. One rounding at the end would be a little more accurate, but it
 moves about a third of the rotated values by one bf16 step against the reference model, and
 those steps compound over layers into different greedy tokens (the GPU parity check).
 """
@@ -112,7 +113,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         cos_sin_cache.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=max(2, next_pow2(hq)), BLOCK_KH=max(2, next_pow2(k.shape[1])), BLOCK_R=max(2, next_pow2(half)),
-        num_warps=rotary_warps(hq, half),
+        num_warps=rotary_warps(hq, half), enable_fp_fusion=False,  # keep HF's roundings: no FMA
     )
     return q, k
 

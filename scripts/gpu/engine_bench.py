@@ -216,6 +216,7 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
         note += f", graphs {graphs.capture_seconds:.1f}s {graphs.capture_bytes / 2**20:.0f} MiB"
     report.meta[f"{name}/pdserve"] = note
     print(f"  {name}: pdserve runner ready ({note})", flush=True)
+    bench_prefill(report, name, runner, args, "")
     for impl, use_graphs in (("pdserve+graph", True), ("pdserve eager", False)):
         if use_graphs and graphs is None:
             continue
@@ -233,11 +234,17 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
                 ms = pdserve_engine_decode_ms(runner, b, args.ctx, args.steps, args.warmup, overlap)
                 report.add(Row(name, impl, f"decode bs={b} ctx={args.ctx}", ms,
                                decode_floor_ms(cfg, dtype, b, args.ctx)))
-    for n in args.prefill:
-        with guard(report, f"{name} pdserve prefill {n}"):
-            report.add(Row(name, "pdserve", f"prefill {n}", pdserve_prefill_ms(runner, n, args.reps),
-                           prefill_floor_ms(cfg, n)))
+    bench_prefill(report, name, runner, args, " (after the decode runs)")
     del runner, graphs
+
+
+def bench_prefill(report: Report, name: str, runner, args, label: str) -> None:
+    """Prefill rows; run on a fresh runner and again after the decode runs (the 1k figure moved
+    between runs, this tells whether the process's history is why)."""
+    for n in args.prefill:
+        with guard(report, f"{name} pdserve prefill {n}{label}"):
+            ms, note = pdserve_prefill_ms(runner, n, args.reps)
+            report.add(Row(name, "pdserve", f"prefill {n}{label}", ms, prefill_floor_ms(ARCHS[name], n), note))
 
 
 # -- transformers -------------------------------------------------------------------------------

@@ -82,18 +82,40 @@ def pdserve_engine_decode_ms(runner, batch: int, ctx: int, steps: int, warmup: i
     return ms
 
 
-def pdserve_prefill_ms(runner, tokens: int, reps: int) -> float:
+def pdserve_prefill_ms(runner, tokens: int, reps: int) -> tuple[float, str]:
+    """Median wall ms of one prefill forward (+ argmax to the host), and a note with the host's
+    enqueue time (until ``forward`` returns) beside the GPU's time (events): when the first is not
+    well below the second, the step is host-bound."""
     from pdserve.runtime.forward import SeqChunk
 
     pages = list(range(-(-tokens // runner.layout.page_size)))
     ids = torch.randint(0, runner.vocab_size, (tokens,)).tolist()
     seq = [SeqChunk("p", ids, 0, pages)]
     runner.forward(seq)  # warm-up (compiles the extend kernel for this shape class)
-    times = []
+    times, host, gpu = [], [], []
     for _ in range(reps):
         sync(runner.device)
         t0 = time.perf_counter()
-        runner.forward(seq).argmax(dim=-1).tolist()
+        events = _record(runner.device)
+        logits = runner.forward(seq)
+        host.append((time.perf_counter() - t0) * 1e3)
+        end = _record(runner.device)
+        logits.argmax(dim=-1).tolist()
         sync(runner.device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        if events is not None:
+            gpu.append(events.elapsed_time(end))
+    note = f"host enqueue {_median(host):.1f} ms" + (f", GPU {_median(gpu):.1f} ms" if gpu else "")
+    return _median(times), note
+
+
+def _record(device: torch.device):
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
