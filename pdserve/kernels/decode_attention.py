@@ -3,10 +3,14 @@
 Split-K ("flash-decoding"): each sequence's context is cut into ``num_kv_splits`` equal pieces
 (rounded up to whole key blocks); program ``(seq, kv_head, split)`` attends the whole GQA group of
 q heads that share ``kv_head`` over its piece, so every K/V byte is read from HBM exactly once,
-and writes a partial output plus its log-sum-exp. ``merge="in_kernel"`` (default): the program
-that finishes last for its (seq, kv_head), counted by an atomic counter in the workspace, merges
-the splits itself (one launch; with one split nothing is merged or counted). ``"reduce_kernel"``:
-a second kernel merges them.
+and writes a partial output plus its log-sum-exp. ``merge="in_kernel"``: the program that
+finishes last for its (seq, kv_head), counted by an atomic counter in the workspace, merges the
+splits itself (one launch; with one split nothing is merged or counted). ``"reduce_kernel"``: a
+second kernel merges them. ``"auto"`` (default): in_kernel with one split, reduce_kernel with
+more. Measured on an H200 (Llama-3.1-8B heads, 2k context, us/layer in a CUDA graph, in_kernel vs
+reduce_kernel): batch 1 13.5 vs 9.0, batch 8 29.3 vs 24.3, batch 64 134.3 vs 132.0, batch 256
+(one split) 492.4 vs 501.1: the atomic, the barrier and the serial merge by the last program
+cost more than a second launch, except where there is nothing to merge.
 The grid depends only on the batch size, never on the context lengths, so a CUDA graph captured
 for a batch size replays for any lengths; a sequence of length 0 yields zeros (graph padding).
 
@@ -239,7 +243,7 @@ def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
     require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
-MERGE_MODES = ("in_kernel", "reduce_kernel")
+MERGE_MODES = ("auto", "in_kernel", "reduce_kernel")
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
@@ -247,14 +251,14 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
                      num_kv_splits: int = 8, reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
                      workspace: DecodeWorkspace | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     merge: str = "in_kernel") -> torch.Tensor:
+                     merge: str = "auto") -> torch.Tensor:
     """q ``[B, Hq, D]`` -> ``[B, Hq, D]``: attention over ``seq_lens[b]`` tokens of ``page_table[b]``.
 
     page_table ``[>=B, W]`` int32 (page ids, row b covers ceil(seq_lens[b] / page_size) pages);
     seq_lens ``[>=B]`` int32 (context length including the new token, already stored).
     Pages in q's dtype, or fp8 holding ``K / k_scale`` and ``V / v_scale``.
-    merge: "in_kernel" (one launch: the last split program of each (seq, kv head) merges) or
-    "reduce_kernel" (a second launch merges).
+    merge: "in_kernel" (one launch: the last split program of each (seq, kv head) merges),
+    "reduce_kernel" (a second launch merges) or "auto" (in_kernel for one split, else reduce_kernel).
     """
     _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
     require(merge in MERGE_MODES, lambda: f"merge must be one of {MERGE_MODES}, got {merge!r}")
@@ -274,6 +278,8 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
         return out
     block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
     require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
+    if merge == "auto":
+        merge = "in_kernel" if num_kv_splits == 1 else "reduce_kernel"
     launch = _launch_in_kernel if merge == "in_kernel" else _launch_with_reduce
     launch(q, k_pages, v_pages, page_table, seq_lens, scale * k_scale * LOG2E, v_scale, out, workspace,
            num_kv_splits, block_n, num_warps or 4, num_stages or 2)

@@ -108,6 +108,15 @@ def test_merge_modes_agree_closely_and_one_split_skips_the_partials():
     assert_close(out, decode_attention_ref(q, kp, vp, table, lens, 0.3))
 
 
+def test_auto_merge_uses_the_reduce_kernel_for_several_splits():
+    q, kp, vp, table, lens = _case(8, 2, [10, 37], torch.float32)
+    ws = DecodeWorkspace.allocate(2, 8, HEAD_DIM, 4, q.dtype, q.device, num_kv_heads=2)
+    ws.counters.fill_(7)  # the in-kernel merge would never see a last program with these
+    out = decode_attention(q, kp, vp, table, lens, 0.3, num_kv_splits=4, block_n=16, workspace=ws)
+    assert (ws.counters == 7).all()
+    assert_close(out, decode_attention_ref(q, kp, vp, table, lens, 0.3))
+
+
 def test_workspace_fits_checks_the_counters():
     ws = DecodeWorkspace.allocate(4, 8, HEAD_DIM, 4, torch.float32, DEVICE, num_kv_heads=1)
     assert ws.counters.dtype == torch.int32 and not ws.counters.any()
