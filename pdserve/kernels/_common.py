@@ -48,21 +48,25 @@ def require(cond: bool, message: str | Callable[[], str]) -> None:
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None,
                  last_contiguous: bool = True) -> None:
-    """``t`` has ``ndim`` dims, a dtype in ``dtypes`` and (by default) unit stride in its last dim."""
+    """``t`` has ``ndim`` dims, a dtype in ``dtypes`` and (by default) unit stride in its last dim.
+    One boolean expression on the way through (wrappers run per layer per step; eager prefill is
+    host-bound), the message is worked out only when it fails."""
+    if (isinstance(t, torch.Tensor) and t.dim() == ndim and (dtypes is None or t.dtype in dtypes)
+            and (not last_contiguous or t.stride(-1) == 1 or t.shape[-1] == 1 or t.numel() == 0)):
+        return
     require(isinstance(t, torch.Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
     require(t.dim() == ndim, lambda: f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None:
-        require(t.dtype in dtypes, lambda: f"{name}: dtype {t.dtype} not in {[str(d) for d in dtypes]}")
-    if last_contiguous and t.numel() > 0:
-        require(t.shape[-1] == 1 or t.stride(-1) == 1,
-                lambda: f"{name}: last dim must be contiguous, strides {t.stride()}")
+    require(dtypes is None or t.dtype in dtypes, lambda: f"{name}: dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+    raise ValueError(f"{name}: last dim must be contiguous, strides {t.stride()}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors on one device, and a device Triton can run on here."""
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    require(all(d == first for d in devices.values()), lambda: f"tensors on different devices: {devices}")
+    values = iter(tensors.values())
+    first = next(values).device
+    for t in values:
+        if t.device != first:
+            raise ValueError(f"tensors on different devices: { {n: str(x.device) for n, x in tensors.items()} }")
     if first.type != "cuda":
         require(INTERPRET, lambda: f"Triton kernels need CUDA tensors (got {first}); on CPU set TRITON_INTERPRET=1 "
                            "before anything imports triton")

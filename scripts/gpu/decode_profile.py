@@ -113,7 +113,7 @@ def main() -> int:
         model_dir = write_model_dir(Path(tmp), args.model)
         prefills = [int(p) for p in args.prefill.split(",") if p]
         total = max(max(batches) * (args.ctx + 32), max(prefills, default=0) + 64)
-        runner = make_runner(model_dir, "cuda", "bfloat16", total, max(args.ctx, *prefills) + 64, max(batches))
+        runner = make_runner(model_dir, "cuda", "bfloat16", total, max([args.ctx, *prefills]) + 64, max(batches))
         layers, embed, head = param_counts(cfg)
         weight_bytes = (layers + (head or embed)) * 2  # bf16 layer weights + LM head
         for b in batches:

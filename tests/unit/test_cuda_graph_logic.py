@@ -164,7 +164,8 @@ def test_gpu_scripts_smoke_modes(tmp_path):
 
     assert engine_bench.main(["--tiny", "--skip-hf", "--json", str(tmp_path / "eb.json")]) == 0
     rows = json.loads((tmp_path / "eb.json").read_text())["rows"]
-    assert {r["case"] for r in rows} == {"decode bs=1 ctx=16", "decode bs=2 ctx=16", "prefill 16", "prefill 32"}
+    prefills = {f"prefill {n}{when}" for n in (16, 32) for when in ("", " (after the decode runs)")}
+    assert {r["case"] for r in rows} == {"decode bs=1 ctx=16", "decode bs=2 ctx=16", *prefills}
     assert all(r["ms"] > 0 for r in rows)
     assert gpu_parity.main(["--tiny", "--attention-backend", "torch", "--json", str(tmp_path / "gp.json")]) == 0
     results = json.loads((tmp_path / "gp.json").read_text())
