@@ -316,6 +316,7 @@ def main(argv=None) -> int:
             failed |= bool(problems)
             results.append(result)
             if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=1))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
