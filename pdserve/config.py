@@ -142,7 +142,10 @@ class KernelConfig:
                                                   "(fewer as the batch fills the GPU).")
     triton_attention_reduce_in_fp32: bool = opt(False, "Reduce split attention outputs in fp32.")
     cuda_graph_max_bs: int = opt(256, "Largest decode batch captured in a CUDA graph.")
-    disable_cuda_graph: bool = opt(False, "Run decode eagerly.")
+    disable_cuda_graph: bool = opt(False, "Run decode and prefill eagerly (no CUDA graphs).")
+    cuda_graph_max_prefill_tokens: int = opt(4096, "Largest prefill or mixed step (tokens) replayed from a "
+                                                   "CUDA graph; 0 runs prefill eagerly.")
+    cuda_graph_max_prefill_seqs: int = opt(16, "Most sequences in a prefill step replayed from a CUDA graph.")
     disable_overlap_schedule: bool = opt(False, "Do not overlap CPU scheduling with GPU work.")
     enable_torch_compile: bool = opt(False, "torch.compile the decode step.")
     torch_compile_max_bs: int = opt(32, "Largest batch run through torch.compile.")
@@ -151,6 +154,8 @@ class KernelConfig:
         _check_choices(self)
         _check(self.triton_attention_num_kv_splits >= 1, "--triton-attention-num-kv-splits", "must be >= 1")
         _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs", "must be >= 1")
+        _check(self.cuda_graph_max_prefill_tokens >= 0, "--cuda-graph-max-prefill-tokens", "must be >= 0 (0 disables)")
+        _check(self.cuda_graph_max_prefill_seqs >= 1, "--cuda-graph-max-prefill-seqs", "must be >= 1")
 
 
 @dataclass(frozen=True)

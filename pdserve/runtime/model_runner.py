@@ -133,17 +133,29 @@ class ModelRunner:
         self.attn = make_attention_backend(backend, self.pool, **attention_options(cfg, backend, self.context_length))
         self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed)
         self.graphs = None  # CudaGraphRunner once captured (CUDA + triton, unless --disable-cuda-graph)
+        self.prefill_graphs = None  # PrefillGraphRunner (the same conditions, --cuda-graph-max-prefill-tokens > 0)
         if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:
-            from pdserve.runtime.cuda_graph import CudaGraphRunner
-            self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
-            try:
-                self.graphs.capture()
-            except Exception as e:
-                raise RuntimeError(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
-                                   f"run with --disable-cuda-graph to decode eagerly") from e
+            self._capture_graphs(cfg)
         log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
                  cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)
+
+    def _capture_graphs(self, cfg: EngineConfig) -> None:
+        from pdserve.runtime.cuda_graph import CudaGraphRunner
+        from pdserve.runtime.prefill_graph import PrefillGraphRunner
+
+        self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
+        if cfg.kernel.cuda_graph_max_prefill_tokens > 0:
+            self.prefill_graphs = PrefillGraphRunner(self, cfg.kernel.cuda_graph_max_prefill_tokens,
+                                                     cfg.kernel.cuda_graph_max_prefill_seqs)
+        for graphs in (self.graphs, self.prefill_graphs):
+            try:
+                if graphs is not None:
+                    graphs.capture()
+            except Exception as e:
+                what = "decode" if graphs is self.graphs else "prefill (--cuda-graph-max-prefill-tokens 0 skips it)"
+                raise RuntimeError(f"CUDA graph capture failed, {what} ({type(e).__name__}: {e}); "
+                                   f"run with --disable-cuda-graph to run eagerly") from e
 
     @property
     def tokenizer(self):
@@ -163,6 +175,8 @@ class ModelRunner:
         future = future_rows(seqs, prev)
         if self.graphs is not None and self.graphs.can_run(seqs):
             return self.graphs.run(seqs, future, prev.sample.tokens if future else None)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
+            return self.prefill_graphs.run(seqs, future, prev.sample.tokens if future else None)
         batch = build_forward_batch(seqs, self.layout.page_size, self.device)
         if future:
             resolve_future(batch.input_ids, future, prev.sample.tokens)

@@ -61,10 +61,12 @@ def profile_step(runner, batch: int, ctx: int) -> tuple[dict[str, float], dict[s
 
 
 def profile_prefill(runner, tokens: int) -> tuple[dict[str, float], dict[str, int], float]:
-    """Kernel time by class of one prefill of ``tokens`` tokens, and its wall ms (median of 5)."""
+    """Kernel time by class of one eager prefill of ``tokens`` tokens (prefill graphs off, so the
+    host's share shows as idle), and its wall ms (median of 5)."""
     from pdserve.runtime.forward import SeqChunk
     seq = [SeqChunk("p", torch.randint(0, runner.vocab_size, (tokens,)).tolist(), 0,
                     list(range(-(-tokens // runner.layout.page_size))))]
+    prefill_graphs, runner.prefill_graphs = runner.prefill_graphs, None  # eager: kernels one by one
     for _ in range(2):
         runner.forward(seq)
     times = []
@@ -82,6 +84,7 @@ def profile_prefill(runner, tokens: int) -> tuple[dict[str, float], dict[str, in
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             us[classify(ev.name)] += ev.device_time_total
             count[classify(ev.name)] += 1
+    runner.prefill_graphs = prefill_graphs
     return dict(us), dict(count), sorted(times)[2]
 
 

@@ -252,10 +252,16 @@ def host_loop_ms() -> float:
 def bench_prefill(report: Report, name: str, runner, args, label: str) -> None:
     """Prefill rows; run on a fresh runner and again after the decode runs (the 1k figure moved
     between runs, this tells whether the process's history is why)."""
-    for n in args.prefill:
-        with guard(report, f"{name} pdserve prefill {n}{label}"):
-            ms, note = pdserve_prefill_ms(runner, n, args.reps)
-            report.add(Row(name, "pdserve", f"prefill {n}{label}", ms, prefill_floor_ms(ARCHS[name], n), note))
+    prefill_graphs = runner.prefill_graphs
+    for impl, graphs in (("pdserve+graph", prefill_graphs), ("pdserve eager", None)):
+        if impl == "pdserve+graph" and graphs is None:
+            continue
+        runner.prefill_graphs = graphs
+        for n in args.prefill:
+            with guard(report, f"{name} {impl} prefill {n}{label}"):
+                ms, note = pdserve_prefill_ms(runner, n, args.reps)
+                report.add(Row(name, impl, f"prefill {n}{label}", ms, prefill_floor_ms(ARCHS[name], n), note))
+    runner.prefill_graphs = prefill_graphs
 
 
 # -- transformers -------------------------------------------------------------------------------

@@ -8,14 +8,15 @@ Per model: HF-named weights are drawn once (matrices N(0, --std), the LM head N(
 logits are not near-uniform, norms 1 + N(0, 0.1)) and loaded into both transformers and pdserve's
 ``ModelRunner`` (Triton kernels, CUDA graphs). ``--prompts`` random prompts of different lengths
 are prefilled together in one ragged step, then decoded greedily as one batch for
-``--new-tokens`` steps (a batch of 3 replays the bucket-4 graph: one padding row). Checks:
+``--new-tokens`` steps (a batch of 3 replays the bucket-4 graph: one padding row; the prefill
+step replays a prefill graph, padded to its token bucket). Checks:
 
 1. greedy tokens equal to transformers' ``generate`` (greedy) per prompt; where they differ, the
    HF top-1/top-2 margin at the first difference says whether it is a bf16 near-tie;
 2. teacher-forced logits: transformers run once over pdserve's own output sequence; at every
    generated position max |logit diff| / std(logits), and top-1 agreement (disagreements with a
    margin under --tie-margin x std count as ties, reported separately);
-3. graph vs eager: the same decode steps run without CUDA graphs give the same tokens.
+3. graph vs eager: the same prefill and decode steps run without CUDA graphs give the same tokens.
 
 Exit status 1 on any non-tie disagreement, a relative logit error over --rtol, or a crash (fp32);
 16-bit runs also measure their tolerance (``add_baselines``: transformers with eager attention
@@ -104,7 +105,9 @@ def pdserve_generate(runner, prompts: list[list[int]], new_tokens: int, use_grap
     from pdserve.runtime.forward import SeqChunk
 
     page = runner.layout.page_size
-    graphs, runner.graphs = runner.graphs, (runner.graphs if use_graphs else None)
+    graphs, prefill_graphs = runner.graphs, runner.prefill_graphs
+    if not use_graphs:
+        runner.graphs = runner.prefill_graphs = None
     try:
         per_seq = -(-(max(map(len, prompts)) + new_tokens + 1) // page)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
@@ -118,7 +121,7 @@ def pdserve_generate(runner, prompts: list[list[int]], new_tokens: int, use_grap
             for i, t in enumerate(logits.argmax(-1).tolist()):
                 tokens[i].append(t)
     finally:
-        runner.graphs = graphs
+        runner.graphs, runner.prefill_graphs = graphs, prefill_graphs
     return tokens, torch.stack(steps, dim=1).float()  # tokens [B][n]; logits [B, n, vocab]
 
 
@@ -157,8 +160,11 @@ def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.
     runner.model.load_weights(weights.items())  # in place: captured graphs keep reading these tensors
     if device.type == "cpu" and args.attention_backend == "triton":  # CPU: the graph path, run eagerly
         from pdserve.runtime.cuda_graph import CudaGraphRunner
+        from pdserve.runtime.prefill_graph import PrefillGraphRunner
         runner.graphs = CudaGraphRunner(runner, 8, emulate=True)
-        runner.graphs.capture()
+        runner.prefill_graphs = PrefillGraphRunner(runner, 512, 8, emulate=True)
+        for graphs in (runner.graphs, runner.prefill_graphs):
+            graphs.capture()
     ours, our_logits = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=True)
     eager, _ = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=False)
     result = {"model": name, "layers": config["num_hidden_layers"], "graphs": runner.graphs is not None,
