@@ -60,13 +60,15 @@ def profile_step(runner, batch: int, ctx: int) -> tuple[dict[str, float], dict[s
     return dict(us), dict(count)
 
 
-def profile_prefill(runner, tokens: int) -> tuple[dict[str, float], dict[str, int], float]:
-    """Kernel time by class of one eager prefill of ``tokens`` tokens (prefill graphs off, so the
-    host's share shows as idle), and its wall ms (median of 5)."""
+def profile_prefill(runner, tokens: int, graph: bool) -> tuple[dict[str, float], dict[str, int], float]:
+    """Kernel time by class of one prefill of ``tokens`` tokens, replayed from a prefill graph or
+    eager (then the host's share shows as idle), and its wall ms (median of 5)."""
     from pdserve.runtime.forward import SeqChunk
     seq = [SeqChunk("p", torch.randint(0, runner.vocab_size, (tokens,)).tolist(), 0,
                     list(range(-(-tokens // runner.layout.page_size))))]
-    prefill_graphs, runner.prefill_graphs = runner.prefill_graphs, None  # eager: kernels one by one
+    prefill_graphs = runner.prefill_graphs
+    if not graph:
+        runner.prefill_graphs = None
     for _ in range(2):
         runner.forward(seq)
     times = []
@@ -133,11 +135,11 @@ def main() -> int:
             if us.get("gemm"):
                 print(f"  GEMM weight bandwidth: {weight_bytes / (us['gemm'] * 1e-6) / 1e12:.2f} TB/s "
                       f"({weight_bytes / (us['gemm'] * 1e-6) / HBM_BYTES_PER_S:.0%} of {HBM_BYTES_PER_S / 1e12} TB/s)")
-        for n in prefills:
-            us, count, wall = profile_prefill(runner, n)
+        for n, graph in ((n, g) for n in prefills for g in ((True, False) if runner.prefill_graphs else (False,))):
+            us, count, wall = profile_prefill(runner, n, graph)
             total_us = sum(us.values())
             floor = prefill_floor_ms(cfg, n)
-            print(f"\n{args.model} prefill {n}: {wall:.2f} ms (median of 5) = {floor / wall:.1%} MFU, kernels sum "
+            print(f"\n{args.model} prefill {n} ({'graph' if graph else 'eager'}): {wall:.2f} ms (median of 5) = {floor / wall:.1%} MFU, kernels sum "
                   f"{total_us / 1e3:.2f} ms, idle/host {wall - total_us / 1e3:.2f} ms")
             for cls, t in sorted(us.items(), key=lambda kv: -kv[1]):
                 print(f"  {cls:<11} {t / 1e3:7.3f} {t / total_us:6.1%} {count[cls]:7d}")
