@@ -40,6 +40,7 @@ class TritonBatchMeta:
     prefix_lens: torch.Tensor  # [B] int32, tokens cached before this step (= seq_lens - new tokens)
     q_starts: torch.Tensor     # [B + 1] int32, offsets of each sequence's new tokens in T
     max_extend_len: int        # most new tokens of any sequence (sizes the extend grid)
+    flat_grid: bool = False    # extend grid over the query blocks present (a graph's fixed grid for B_max seqs)
 
 
 class MetadataBuffers:
@@ -140,7 +141,7 @@ class TritonAttention:
                                     k_scale=k_scale, v_scale=v_scale, num_kv_splits=self.splits_for(q.shape[0]),
                                     reduce_in_fp32=self.reduce_in_fp32, workspace=self._workspace(q))
         return extend_attention(q, k, v, k_pages, v_pages, meta.page_table, meta.q_starts, meta.prefix_lens,
-                                meta.max_extend_len, scale, k_scale=k_scale, v_scale=v_scale)
+                                meta.max_extend_len, scale, k_scale=k_scale, v_scale=v_scale, flat_grid=meta.flat_grid)
 
     def splits_for(self, batch_size: int) -> int:
         """Context splits of decode attention for a batch (fixed per CUDA-graph bucket)."""

@@ -36,13 +36,17 @@ def _extend_kernel(
     stride_kp, stride_ks, stride_kph, stride_vp, stride_vs, stride_vph, stride_ptb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALE_V: tl.constexpr,
+    FLAT_SEQS: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # heaviest (last) causal blocks launch first
+    if FLAT_SEQS > 0:  # grid (query blocks of all sequences, Hq): program -> (sequence, block)
+        b, m0, valid = _flat_block(q_starts_ptr, tl.program_id(0), FLAT_SEQS, BLOCK_M)
+        head = tl.program_id(1)
+    else:  # grid (B, Hq, blocks of the longest)
+        b, head, valid = tl.program_id(0), tl.program_id(1), True
+        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # heaviest (last) causal blocks launch first
     kv_head = head // GROUP
     q_start = tl.load(q_starts_ptr + b)
-    ext_len = tl.load(q_starts_ptr + b + 1) - q_start
+    ext_len = tl.where(valid, tl.load(q_starts_ptr + b + 1) - q_start, 0)
     is_active = m0 < ext_len
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -94,6 +98,25 @@ def _extend_kernel(
 
 
 @triton.jit
+def _flat_block(q_starts_ptr, pid, NUM_SEQS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Flat program ``pid`` -> (sequence, first query row of its block, valid). Sequences' blocks
+    are numbered in order, each sequence's heaviest (last) block first; a pid past them all, or a
+    sequence with no new tokens (q_starts not increasing: graph padding), is not valid."""
+    seq, m_idx, blocks_of_seq, seen = -1, 0, 0, 0
+    start = tl.load(q_starts_ptr)
+    for i in tl.static_range(NUM_SEQS):
+        end = tl.load(q_starts_ptr + i + 1)
+        blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+        hit = (seq < 0) & (pid < seen + blocks)
+        seq = tl.where(hit, i, seq)
+        m_idx = tl.where(hit, pid - seen, m_idx)
+        blocks_of_seq = tl.where(hit, blocks, blocks_of_seq)
+        seen += blocks
+        start = end
+    return tl.maximum(seq, 0), tl.maximum(blocks_of_seq - 1 - m_idx, 0) * BLOCK_M, seq >= 0  # rows >= 0 always
+
+
+@triton.jit
 def _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh,
               kv_head, ext_len, BLOCK_N: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -102,6 +125,9 @@ def _load_new(k_ptr, v_ptr, q_start, n0, offs_d, mask_d, stride_kt, stride_kh, s
     k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=mask, other=0.0)
     return k, v
+
+
+MAX_FLAT_SEQS = 64  # the flat grid's sequence scan is unrolled
 
 
 def _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens) -> None:
@@ -144,13 +170,19 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
                      v_pages: torch.Tensor, page_table: torch.Tensor, q_starts: torch.Tensor,
                      prefix_lens: torch.Tensor, max_extend_len: int, scale: float, *, k_scale: float = 1.0,
                      v_scale: float = 1.0, out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None, flat_grid: bool = False) -> torch.Tensor:
     """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (this step's tokens) -> ``[T, Hq, D]``.
 
     page_table ``[>=B, W]`` int32 covers each sequence's prefix; q_starts ``[B+1]`` int32 cumulative
     offsets into T; prefix_lens ``[B]`` int32; ``max_extend_len`` (host int, sizes the grid) must be
     >= every sequence's new-token count, else rows past it are left unwritten. Pages in q's dtype,
     or fp8 holding ``K / k_scale`` and ``V / v_scale``.
+
+    ``flat_grid``: one program per query block actually present (``cdiv(T, BLOCK_M) + B`` per
+    head at most, the surplus exits at once) instead of ``B x cdiv(max_extend_len, BLOCK_M)``; for
+    a grid fixed by a CUDA graph for up to B sequences (prefill graphs: measured on an H200 at 4k
+    tokens, B = 16, the B-sized grid took 25.3 ms of attention against 15.6 eager). Each program
+    finds its sequence by scanning ``q_starts`` (B entries, unrolled).
     """
     _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_lens)
     require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
@@ -167,7 +199,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
     b = prefix_lens.shape[0]
     if t == 0 or b == 0 or max_extend_len <= 0:
         return out
-    grid = (b, hq, triton.cdiv(max_extend_len, block_m))
+    require(not flat_grid or b <= MAX_FLAT_SEQS, lambda: f"flat_grid: {b} sequences, at most {MAX_FLAT_SEQS}")
+    grid = (triton.cdiv(t, block_m) + b, hq) if flat_grid else (b, hq, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, k, v, out, k_pages, v_pages, page_table, q_starts, prefix_lens, scale * LOG2E,
         scale * k_scale * LOG2E, v_scale,
@@ -176,7 +209,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
         v_pages.stride(2), page_table.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), SCALE_V=v_scale != 1.0,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        FLAT_SEQS=b if flat_grid else 0, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out
 

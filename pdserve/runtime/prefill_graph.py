@@ -15,8 +15,10 @@ step's tokens:
    row of each sequence's last token where it wants logits; padding tokens get id 0, position 0
    and slot ``-1`` (no page is written), and belong to no sequence;
 2. ``TritonAttention.init_batch`` fills the fixed metadata buffers: sequences past the real ones
-   have no new tokens, so their extend-attention programs exit at once; the extend grid is
-   sized for the bucket (``max_extend_len = bucket``), never for the step;
+   have no new tokens; extend attention runs on a flat grid (``flat_grid``: one program per
+   query block present, at most ``bucket / 128 + max_seqs`` per head, found by scanning
+   ``q_starts``), fixed by the bucket, never by the step. A grid of ``max_seqs`` x the bucket's
+   blocks, most of them idle, made attention 1.6x slower at 4k tokens on the H200;
 3. every other op works row by row, so padding rows never reach a real row; logits are gathered
    at the fixed index buffer, and ``logits[:N]`` (N = sequences wanting logits) is returned, a
    view valid until the next replay.
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdserve.runtime.cuda_graph import PAD_POSITION, PAD_SLOT, PAD_TOKEN_ID, bucket_for
+from pdserve.runtime.cuda_graph import PAD_POSITION, PAD_SLOT, PAD_TOKEN_ID, bucket_for, is_decode_batch
 from pdserve.runtime.forward import ForwardBatch, SeqChunk, page_slots
 
 if TYPE_CHECKING:
@@ -86,14 +88,15 @@ class PrefillGraphRunner:
     def __init__(self, runner: "ModelRunner", max_tokens: int, max_seqs: int, emulate: bool = False) -> None:
         """``emulate``: no graphs; ``run`` executes the padded static step eagerly (CPU tests)."""
         from pdserve.kernels.backend import TritonAttention
+        from pdserve.kernels.extend_attention import MAX_FLAT_SEQS
 
         if runner.device.type != "cuda" and not emulate:
             raise ValueError("prefill CUDA graphs need --device cuda (use --disable-cuda-graph)")
         if not isinstance(runner.attn, TritonAttention):
             raise ValueError("prefill CUDA graphs need --attention-backend triton (or --disable-cuda-graph)")
-        if not 1 <= max_seqs <= runner.attn.buffers.max_batch_size:
-            raise ValueError(f"--cuda-graph-max-prefill-seqs must be in [1, {runner.attn.buffers.max_batch_size}], "
-                             f"got {max_seqs}")
+        most = min(runner.attn.buffers.max_batch_size, MAX_FLAT_SEQS)
+        if not 1 <= max_seqs <= most:
+            raise ValueError(f"--cuda-graph-max-prefill-seqs must be in [1, {most}], got {max_seqs}")
         self.runner, self.attn = runner, runner.attn
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.buckets = prefill_buckets(max_tokens)
@@ -117,7 +120,7 @@ class PrefillGraphRunner:
         bufs, seg, m = self.attn.buffers, self.attn.buffers.segment, self.max_seqs
         meta = TritonBatchMeta(is_decode=False, page_table=bufs.page_table, seq_lens=bufs.lens[:bufs.max_batch_size],
                                prefix_lens=bufs.lens[seg:seg + m], q_starts=bufs.lens[2 * seg:2 * seg + m + 1],
-                               max_extend_len=bucket)
+                               max_extend_len=bucket, flat_grid=True)
         flat = self.device_inputs[:3 * bucket + m]
         return ForwardBatch(seqs=[], input_ids=flat[:bucket], positions=flat[bucket:2 * bucket],
                             out_loc=flat[2 * bucket:3 * bucket], q_starts=[], logits_idx=flat[3 * bucket:],
@@ -166,7 +169,9 @@ class PrefillGraphRunner:
                  len(self.graphs), self.max_tokens, self.max_seqs, self.capture_seconds, self.capture_bytes / 2**20)
 
     def can_run(self, seqs: list[SeqChunk]) -> bool:
-        if not self.graphs or not 1 <= len(seqs) <= self.max_seqs:
+        """A step of up to ``max_seqs`` sequences and ``max_tokens`` tokens, not decode-only (the
+        decode graphs, or decode attention, serve those better than extend attention)."""
+        if not self.graphs or not 1 <= len(seqs) <= self.max_seqs or is_decode_batch(seqs):
             return False
         total = sum(s.num_new_tokens for s in seqs)
         if not 1 <= total <= self.max_tokens:

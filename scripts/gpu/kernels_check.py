@@ -135,6 +135,8 @@ def check_extend(res: Results, sh: Shapes, hq: int, hkv: int, prefix, new, dtype
     out = extend_attention(q, k, v, kp, vp, table, q_starts, prefix_lens, max(new), scale)
     ref = extend_attention_ref(q, k, v, kp, vp, table, q_starts, prefix_lens, scale)
     res.check(f"extend {str(dtype)[6:]} Hq={hq} Hkv={hkv} T={t}", out, ref, *_tol(dtype))
+    flat = extend_attention(q, k, v, kp, vp, table, q_starts, prefix_lens, max(new), scale, flat_grid=True)
+    res.flag(f"extend flat grid == batch grid, Hq={hq} Hkv={hkv} T={t}", torch.equal(flat, out), "exact")
 
 
 def check_elementwise(res: Results, sh: Shapes, dtype, device) -> None:

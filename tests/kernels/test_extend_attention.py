@@ -32,6 +32,30 @@ def test_matches_reference_ragged_batch(dtype, num_q_heads, num_kv_heads):
     assert_close(out, extend_attention_ref(*args, 0.2))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flat_grid_matches_reference_and_the_batch_grid(dtype):
+    prefix, new = [0, 5, 13, 3, 9], [7, 1, 37, 16, 0]
+    args = _case(8, 2, prefix, new, dtype)
+    flat = extend_attention(*args, max(new), 0.2, block_m=32, block_n=16, flat_grid=True)
+    assert_close(flat, extend_attention_ref(*args, 0.2))
+    batch = extend_attention(*args, max(new), 0.2, block_m=32, block_n=16)
+    assert torch.equal(flat, batch)  # the same programs, numbered differently
+
+
+def test_flat_grid_as_a_prefill_graph_pads_it():
+    # 3 real sequences in a step padded to 96 tokens and 6 sequences: q_starts [.., 61, 0, 0]
+    q, k, v, kp, vp, table, q_starts, prefix_lens = _case(4, 2, [6, 0, 2], [11, 40, 10], torch.float32)
+    pad = 96 - q.shape[0]
+    q_p, k_p, v_p = (torch.cat([x, torch.full((pad, *x.shape[1:]), float("nan"), device=DEVICE)]) for x in (q, k, v))
+    zeros = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    table_p = torch.cat([table, torch.zeros(3, table.shape[1], dtype=torch.int32, device=DEVICE)])
+    out = torch.full_like(q_p, 7.0)
+    extend_attention(q_p, k_p, v_p, kp, vp, table_p, torch.cat([q_starts, zeros]), torch.cat([prefix_lens, zeros]),
+                     96, 0.3, block_m=32, block_n=16, out=out, flat_grid=True)
+    assert_close(out[:61], extend_attention_ref(q, k, v, kp, vp, table, q_starts, prefix_lens, 0.3))
+    assert (out[61:] == 7.0).all()  # padding rows: no program wrote them (their NaN inputs were never read)
+
+
 def test_default_blocks_and_strided_qkv():
     # q/k/v as column slices of one fused qkv tensor, like the model's projection output
     q, k, v, kp, vp, table, q_starts, prefix_lens = _case(4, 2, [6, 0], [11, 40], torch.float32)
