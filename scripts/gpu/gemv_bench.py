@@ -51,7 +51,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--blas-variants", action="store_true",
+                    help="F.linear through cuBLAS and cuBLASLt, and W @ x (the other operand order) instead")
     args = ap.parse_args()
+    if args.blas_variants:
+        return blas_variants([int(x) for x in args.batches.split(",")])
     print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6}")
     for b in (int(x) for x in args.batches.split(",")):
         for name, (k, n) in SHAPES.items():
@@ -69,6 +73,28 @@ def main() -> int:
                     print(f"  compile failed for {name}: {type(e).__name__}: {e}", file=sys.stderr)
             print(f"{name:<8} {b:>5} {eager:>10.1f} {nbytes / eager / 1e6:>6.2f} {comp:>12.1f} "
                   f"{nbytes / comp / 1e6:>6.2f}", flush=True)
+            del ws
+    return 0
+
+
+def blas_variants(batches: list[int]) -> int:
+    """The same GEMMs through the library paths torch offers: is any faster at batch 1 than the
+    engine's ``F.linear`` (cuBLAS, x W^T)?"""
+    print(f"{'shape':<8} {'batch':>5} {'cuBLAS':>8} {'cuBLASLt':>9} {'W @ x^T':>8}  (us; TB/s)")
+    for b in batches:
+        for name, (k, n) in SHAPES.items():
+            nbytes = n * k * 2
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, -(-400 << 20) // nbytes))]
+            x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
+            times = []
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                times.append(gpu_us(lambda w: F.linear(x, w), ws))
+            torch.backends.cuda.preferred_blas_library("cublas")
+            xt = x.t().contiguous()
+            times.append(gpu_us(lambda w: torch.mm(w, xt), ws))
+            cells = "  ".join(f"{t:6.1f} {nbytes / t / 1e6:4.2f}" for t in times)
+            print(f"{name:<8} {b:>5}  {cells}", flush=True)
             del ws
     return 0
 
