@@ -35,7 +35,7 @@ class NodeBase:
 
     def __init__(self, cfg: ServerConfig, runner: ModelRunner | None = None) -> None:
         self.cfg = cfg
-        self.runner = runner or ModelRunner(cfg.engine)
+        self.runner = runner or ModelRunner(cfg.engine, role=cfg.role)
         self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         host = cfg.node.host

@@ -110,7 +110,9 @@ def attention_options(cfg: EngineConfig, backend: str, context_length: int) -> d
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, role: str = "colocated") -> None:
+        """``role``: which steps this engine will run, so which CUDA graphs are worth capturing
+        (a decode node never prefills, a prefill node never decodes; colocated: both)."""
         from pdserve.loader import load_model  # heavy imports stay out of config-only paths
 
         self.cfg = cfg
@@ -135,17 +137,18 @@ class ModelRunner:
         self.graphs = None  # CudaGraphRunner once captured (CUDA + triton, unless --disable-cuda-graph)
         self.prefill_graphs = None  # PrefillGraphRunner (the same conditions, --cuda-graph-max-prefill-tokens > 0)
         if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:
-            self._capture_graphs(cfg)
+            self._capture_graphs(cfg, role)
         log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
                  cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)
 
-    def _capture_graphs(self, cfg: EngineConfig) -> None:
+    def _capture_graphs(self, cfg: EngineConfig, role: str) -> None:
         from pdserve.runtime.cuda_graph import CudaGraphRunner
         from pdserve.runtime.prefill_graph import PrefillGraphRunner
 
-        self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
-        if cfg.kernel.cuda_graph_max_prefill_tokens > 0:
+        if role != "prefill":
+            self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
+        if cfg.kernel.cuda_graph_max_prefill_tokens > 0 and role != "decode":
             self.prefill_graphs = PrefillGraphRunner(self, cfg.kernel.cuda_graph_max_prefill_tokens,
                                                      cfg.kernel.cuda_graph_max_prefill_seqs)
         for graphs in (self.graphs, self.prefill_graphs):
