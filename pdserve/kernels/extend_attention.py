@@ -38,12 +38,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALE_V: tl.constexpr,
     FLAT_SEQS: tl.constexpr,
 ):
-    if FLAT_SEQS > 0:  # grid (Hq, query blocks of all sequences): program -> (sequence, block)
-        b, m0, valid = _flat_block(q_starts_ptr, tl.program_id(1), FLAT_SEQS, BLOCK_M)
-        head = tl.program_id(0)  # every head of a block launches together, as in the batch grid
-    else:  # grid (B, Hq, blocks of the longest)
-        b, head, valid = tl.program_id(0), tl.program_id(1), True
-        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # heaviest (last) causal blocks launch first
+    b, head, m0, valid = _program_block(q_starts_ptr, FLAT_SEQS, BLOCK_M)
     kv_head = head // GROUP
     q_start = tl.load(q_starts_ptr + b)
     ext_len = tl.where(valid, tl.load(q_starts_ptr + b + 1) - q_start, 0)
@@ -62,19 +57,10 @@ def _extend_kernel(
 
     # 1. cached prefix, through the page table
     prefix_end = tl.where(is_active, tl.load(prefix_lens_ptr + b), 0)
-    pt_row = page_table_ptr + b * stride_ptb
-    for n0 in range(0, prefix_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < prefix_end
-        page_ids = tl.load(pt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = load_paged(k_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, kv_head * stride_kph, PAGE_SIZE)
-        v = load_paged(v_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, kv_head * stride_vph, PAGE_SIZE)
-        k = k.to(q.dtype)  # fp8 pages: upcast; k_scale is in prefix_qk_scale
-        if SCALE_V:
-            v = v.to(tl.float32) * v_scale
-        v = v.to(q.dtype)
-        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, prefix_qk_scale, True, PRECISION)
+    m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, k_pages_ptr, v_pages_ptr, page_table_ptr + b * stride_ptb,
+                                   prefix_end, offs_d, mask_d, stride_kp, stride_ks, kv_head * stride_kph, stride_vp,
+                                   stride_vs, kv_head * stride_vph, prefix_qk_scale, v_scale, PAGE_SIZE, BLOCK_N,
+                                   SCALE_V, PRECISION)
 
     # 2. new tokens strictly left of this query block: every key visible to every row
     full_end = tl.where(is_active, m0, 0)
@@ -95,6 +81,38 @@ def _extend_kernel(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _program_block(q_starts_ptr, FLAT_SEQS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """-> (sequence, q head, first query row of the block, valid) of this program."""
+    if FLAT_SEQS > 0:  # grid (Hq, query blocks of all sequences): program -> (sequence, block)
+        b, m0, valid = _flat_block(q_starts_ptr, tl.program_id(1), FLAT_SEQS, BLOCK_M)
+        head = tl.program_id(0)  # every head of a block launches together, as in the batch grid
+    else:  # grid (B, Hq, blocks of the longest)
+        b, head, valid = tl.program_id(0), tl.program_id(1), True
+        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # heaviest (last) causal blocks launch first
+    return b, head, m0, valid
+
+
+@triton.jit
+def _attend_prefix(q, m_i, l_i, acc, k_pages_ptr, v_pages_ptr, pt_row, prefix_end, offs_d, mask_d,
+                   stride_kp, stride_ks, k_head_offset, stride_vp, stride_vs, v_head_offset, prefix_qk_scale, v_scale,
+                   PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_V: tl.constexpr, PRECISION: tl.constexpr):
+    """The cached prefix ``[0, prefix_end)`` of one kv head, read through the page table row."""
+    for n0 in range(0, prefix_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < prefix_end
+        page_ids = tl.load(pt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = load_paged(k_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_kp, stride_ks, k_head_offset, PAGE_SIZE)
+        v = load_paged(v_pages_ptr, page_ids, offs_n, offs_d, mask_nd, stride_vp, stride_vs, v_head_offset, PAGE_SIZE)
+        k = k.to(q.dtype)  # fp8 pages: upcast; k_scale is in prefix_qk_scale
+        if SCALE_V:
+            v = v.to(tl.float32) * v_scale
+        v = v.to(q.dtype)
+        m_i, l_i, acc = attend_block(q, k, v, mask_n[None, :], m_i, l_i, acc, prefix_qk_scale, True, PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -155,14 +173,16 @@ def _check_extend_args(q, k, v, k_pages, v_pages, page_table, q_starts, prefix_l
     require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
-def _default_blocks(d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). H100/H200 sweet spot for D=128 in fp16/bf16."""
+def _default_blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). H200, D=128, 16-bit: 3 stages gave 400-402
+    TFLOP/s at 4k tokens against 352 for 2 (kernels_check sweep, two runs); fp32 tiles are twice
+    the bytes and keep 2 stages (3 would not fit shared memory)."""
     if INTERPRET:
         return 32, 32, 4, 1
     if d <= 64:
         return 128, 64, 4, 3
     if d <= 128:
-        return 128, 64, 8, 2
+        return 128, 64, 8, 3 if dtype != torch.float32 else 2
     return 64, 32, 8, 2
 
 
@@ -190,7 +210,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages:
     require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     t, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
-    bm, bn, warps, stages = _default_blocks(d)
+    bm, bn, warps, stages = _default_blocks(d, q.dtype)
     block_m, block_n = block_m or bm, block_n or bn
     require(block_m % block_n == 0, lambda: f"block_m {block_m} must be a multiple of block_n {block_n}")
     require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
