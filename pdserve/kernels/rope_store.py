@@ -20,7 +20,7 @@ import triton.language as tl
 
 from pdserve.kernels._common import next_pow2, require
 from pdserve.kernels.kv_store import check_store_args, store_kv_ref, store_warps, to_page
-from pdserve.kernels.rotary import _rotate_heads, apply_rotary_ref, check_rotary_args, rotary_warps, rotate_pair
+from pdserve.kernels.rotary import apply_rotary_ref, check_rotary_args, rotary_warps, rotate_pair, rotate_token_q
 
 
 @triton.jit
@@ -33,14 +33,8 @@ def _rope_store_kernel(
     PAGE_SIZE: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    offs_qh = tl.arange(0, BLOCK_QH)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, offs_qh,
-                  offs_r, (offs_qh < NUM_Q_HEADS)[:, None] & mask_r[None, :], HALF)
+    cos, sin, offs_r, mask_r = rotate_token_q(q_ptr, pos_ptr, cache_ptr, t, stride_qt, stride_qh, stride_cache,
+                                              NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_R)
 
     slot = tl.load(loc_ptr + t).to(tl.int64)
     page, offset = slot // PAGE_SIZE, slot % PAGE_SIZE

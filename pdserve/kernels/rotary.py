@@ -38,6 +38,22 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, offs_h, offs_r, mask, HALF: tl.cons
 
 
 @triton.jit
+def rotate_token_q(q_ptr, pos_ptr, cache_ptr, t, stride_qt, stride_qh, stride_cache, NUM_Q_HEADS: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Token ``t``: its cos/sin ``[1, BLOCK_R]`` from the cache, its q heads rotated in place;
+    -> (cos, sin, offs_r, mask_r) for its k heads."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    offs_qh = tl.arange(0, BLOCK_QH)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, offs_qh,
+                  offs_r, (offs_qh < NUM_Q_HEADS)[:, None] & mask_r[None, :], HALF)
+    return cos, sin, offs_r, mask_r
+
+
+@triton.jit
 def _round(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
@@ -58,14 +74,8 @@ def _rotary_kernel(
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    offs_qh = tl.arange(0, BLOCK_QH)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, offs_qh,
-                  offs_r, (offs_qh < NUM_Q_HEADS)[:, None] & mask_r[None, :], HALF)
+    cos, sin, offs_r, mask_r = rotate_token_q(q_ptr, pos_ptr, cache_ptr, t, stride_qt, stride_qh, stride_cache,
+                                              NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_R)
     offs_kh = tl.arange(0, BLOCK_KH)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, offs_kh,
                   offs_r, (offs_kh < NUM_K_HEADS)[:, None] & mask_r[None, :], HALF)
