@@ -91,6 +91,15 @@ def check_kernel_flags(cfg: EngineConfig) -> None:
                              f"set --attention-backend instead")
 
 
+def graphs_for_role(cfg: EngineConfig, role: str) -> tuple[bool, bool]:
+    """(capture decode graphs, capture prefill graphs) for a node of ``role``, before the device
+    checks: a decode node never prefills (a retracted request's recompute runs eagerly), a prefill
+    node never decodes; ``--cuda-graph-max-prefill-tokens 0`` turns prefill graphs off."""
+    if role not in ("colocated", "prefill", "decode"):
+        raise ValueError(f"unknown node role {role!r}")
+    return role != "prefill", role != "decode" and cfg.kernel.cuda_graph_max_prefill_tokens > 0
+
+
 def resolve_attention_backend(cfg: EngineConfig, device: torch.device) -> str:
     backend = cfg.kernel.attention_backend
     if backend == "auto":
@@ -146,9 +155,10 @@ class ModelRunner:
         from pdserve.runtime.cuda_graph import CudaGraphRunner
         from pdserve.runtime.prefill_graph import PrefillGraphRunner
 
-        if role != "prefill":
+        decode, prefill = graphs_for_role(cfg, role)
+        if decode:
             self.graphs = CudaGraphRunner(self, cfg.kernel.cuda_graph_max_bs)
-        if cfg.kernel.cuda_graph_max_prefill_tokens > 0 and role != "decode":
+        if prefill:
             self.prefill_graphs = PrefillGraphRunner(self, cfg.kernel.cuda_graph_max_prefill_tokens,
                                                      cfg.kernel.cuda_graph_max_prefill_seqs)
         for graphs in (self.graphs, self.prefill_graphs):

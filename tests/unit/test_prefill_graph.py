@@ -108,3 +108,17 @@ def test_prefill_graph_flags_are_checked():
     with pytest.raises(ValueError, match="--cuda-graph-max-prefill-seqs"):
         KernelConfig(cuda_graph_max_prefill_seqs=0)
     assert KernelConfig(cuda_graph_max_prefill_tokens=0).cuda_graph_max_prefill_tokens == 0
+
+
+def test_each_role_captures_only_the_graphs_it_runs():
+    from pdserve.config import EngineConfig, KernelConfig
+    from pdserve.runtime.model_runner import graphs_for_role
+
+    cfg = EngineConfig()
+    assert graphs_for_role(cfg, "colocated") == (True, True)
+    assert graphs_for_role(cfg, "decode") == (True, False)
+    assert graphs_for_role(cfg, "prefill") == (False, True)
+    off = EngineConfig(kernel=KernelConfig(cuda_graph_max_prefill_tokens=0))
+    assert graphs_for_role(off, "colocated") == (True, False) and graphs_for_role(off, "prefill") == (False, False)
+    with pytest.raises(ValueError, match="role"):
+        graphs_for_role(cfg, "router")
