@@ -130,6 +130,9 @@ class ParallelConfig:
         _check(not self.enable_dp_attention or self.dp > 1, "--enable-dp-attention", "needs --dp > 1")
 
 
+MAX_PREFILL_GRAPH_SEQS = 64  # = kernels.extend_attention.MAX_FLAT_SEQS (its sequence scan is unrolled)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     attention_backend: str = opt("auto", "Attention backend (auto: triton on GPU, torch on CPU).",
@@ -155,7 +158,8 @@ class KernelConfig:
         _check(self.triton_attention_num_kv_splits >= 1, "--triton-attention-num-kv-splits", "must be >= 1")
         _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs", "must be >= 1")
         _check(self.cuda_graph_max_prefill_tokens >= 0, "--cuda-graph-max-prefill-tokens", "must be >= 0 (0 disables)")
-        _check(self.cuda_graph_max_prefill_seqs >= 1, "--cuda-graph-max-prefill-seqs", "must be >= 1")
+        _check(1 <= self.cuda_graph_max_prefill_seqs <= MAX_PREFILL_GRAPH_SEQS, "--cuda-graph-max-prefill-seqs",
+               f"must be in [1, {MAX_PREFILL_GRAPH_SEQS}], got {self.cuda_graph_max_prefill_seqs}")
 
 
 @dataclass(frozen=True)

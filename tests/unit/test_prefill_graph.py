@@ -108,6 +108,11 @@ def test_prefill_graph_flags_are_checked():
     with pytest.raises(ValueError, match="--cuda-graph-max-prefill-seqs"):
         KernelConfig(cuda_graph_max_prefill_seqs=0)
     assert KernelConfig(cuda_graph_max_prefill_tokens=0).cuda_graph_max_prefill_tokens == 0
+    from pdserve.config import MAX_PREFILL_GRAPH_SEQS
+    from pdserve.kernels.extend_attention import MAX_FLAT_SEQS
+    assert MAX_PREFILL_GRAPH_SEQS == MAX_FLAT_SEQS  # the flag's bound is the kernel's
+    with pytest.raises(ValueError, match="--cuda-graph-max-prefill-seqs"):
+        KernelConfig(cuda_graph_max_prefill_seqs=MAX_FLAT_SEQS + 1)
 
 
 def test_each_role_captures_only_the_graphs_it_runs():
