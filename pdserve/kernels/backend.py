@@ -87,6 +87,8 @@ def kv_splits_for(batch_size: int, num_kv_heads: int, max_splits: int, num_sms: 
 
 
 class TritonAttention:
+    fuses_rope = True  # forward(..., rope=) rotates q and k in the launch that stores K/V
+
     def __init__(self, pool: KVPool, num_kv_splits: int = 8, reduce_in_fp32: bool = False,
                  max_batch_size: int = 256, max_context_len: int | None = None) -> None:
         if num_kv_splits < 1:
@@ -120,8 +122,6 @@ class TritonAttention:
             buffers = MetadataBuffers(max(b, 1), max(width, 1), self.pool.device)
         batch.extras["triton"] = buffers.fill(table, seq_lens, seq_lens - new_tokens, q_starts,
                                               batch.is_decode, int(new_tokens.max()) if b else 0)
-
-    fuses_rope = True  # forward(..., rope=) rotates q and k in the launch that stores K/V
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch, scale: float,
