@@ -3,14 +3,12 @@
 Split-K ("flash-decoding"): each sequence's context is cut into ``num_kv_splits`` equal pieces
 (rounded up to whole key blocks); program ``(seq, kv_head, split)`` attends the whole GQA group of
 q heads that share ``kv_head`` over its piece, so every K/V byte is read from HBM exactly once,
-and writes a partial output plus its log-sum-exp. ``merge="in_kernel"``: the program that
-finishes last for its (seq, kv_head), counted by an atomic counter in the workspace, merges the
-splits itself (one launch; with one split nothing is merged or counted). ``"reduce_kernel"``: a
-second kernel merges them. ``"auto"`` (default): in_kernel with one split, reduce_kernel with
-more. Measured on an H200 (Llama-3.1-8B heads, 2k context, us/layer in a CUDA graph, in_kernel vs
-reduce_kernel): batch 1 13.5 vs 9.0, batch 8 29.3 vs 24.3, batch 64 134.3 vs 132.0, batch 256
-(one split) 492.4 vs 501.1: the atomic, the barrier and the serial merge by the last program
-cost more than a second launch, except where there is nothing to merge.
+and writes a partial output plus its log-sum-exp; a second kernel merges the splits. With one
+split (large batches) the program normalises straight into the output: one launch, no partials.
+An in-kernel merge of several splits (atomic counter per (seq, kv head), the last program merges)
+was built and measured on an H200 (Llama-3.1-8B heads, 2k context, us/layer in a CUDA graph,
+in-kernel vs second kernel): batch 1 13.5 vs 9.1, batch 8 29.5 vs 24.3, batch 64 134.0 vs 132.2;
+the barrier, the atomic and the serial merge cost more than a launch, so it was removed.
 The grid depends only on the batch size, never on the context lengths, so a CUDA graph captured
 for a batch size replays for any lengths; a sequence of length 0 yields zeros (graph padding).
 
@@ -113,22 +111,18 @@ def _store_out(out_ptr, out, b, kv_head, stride_ob, stride_oh, GROUP: tl.constex
 @triton.jit
 def _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, head, stride_mob, stride_moh, stride_mos, stride_mlb,
                 stride_mlh, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
-    """All splits of one q head -> ``out[b, head]``: base-2 LSE weights, zeros when no keys.
-    All splits load at once (``[BLOCK_S, BLOCK_D]``); ``CACHE=".cg"`` when other programs of the
-    same launch wrote the partials (bypass L1)."""
+                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """All splits of one q head -> ``out[b, head]``: base-2 LSE weights, zeros when no keys."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < NUM_SPLITS
     mask_d = offs_d < HEAD_DIM
-    lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s, mask=mask_s, other=float("-inf"),
-                  cache_modifier=CACHE)
+    lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: weights 0, output 0
     w = tl.exp2(lse - lse_max)  # [BLOCK_S]
     mo = mid_o_ptr + b * stride_mob + head * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
-    o = tl.load(mo, mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-                cache_modifier=CACHE).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+    o = tl.load(mo, mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
@@ -136,54 +130,25 @@ def _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, head, stride_mob, stride_moh
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, v_scale,
+    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, qk_scale, v_scale,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     F16_DOT: tl.constexpr,
 ):
-    """merge="reduce_kernel": program (seq, kv head, split) writes its partial; _decode_reduce_kernel merges."""
+    """Program (seq, kv head, split) writes its partial for _decode_reduce_kernel, or with one split
+    the normalised output itself."""
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     out, lse = _attend_split(
         q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, b, kv_head, split, qk_scale, v_scale,
         stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
         GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, NUM_SPLITS, PRECISION, F16_DOT)
-    _store_partial(mid_o_ptr, mid_lse_ptr, out, lse, b, kv_head, split, stride_mob, stride_moh, stride_mos,
-                   stride_mlb, stride_mlh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _decode_merged_kernel(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, counters_ptr,
-    qk_scale, v_scale,
-    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, stride_cb,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    F16_DOT: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """merge="in_kernel": as _decode_split_kernel, then the last program of (seq, kv head) to finish
-    merges the splits into ``out`` and resets the counter (docs/kernels.md: memory ordering)."""
-    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    out, lse = _attend_split(
-        q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, b, kv_head, split, qk_scale, v_scale,
-        stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
-        GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, NUM_SPLITS, PRECISION, F16_DOT)
-    if NUM_SPLITS == 1:  # nothing to merge: no partials, no counter
+    if NUM_SPLITS == 1:
         _store_out(out_ptr, out, b, kv_head, stride_ob, stride_oh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D)
     else:
         _store_partial(mid_o_ptr, mid_lse_ptr, out, lse, b, kv_head, split, stride_mob, stride_moh, stride_mos,
                        stride_mlb, stride_mlh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D)
-        tl.debug_barrier()  # every thread's partial stores precede the one-thread release below
-        counter = counters_ptr + b * stride_cb + kv_head
-        finished = tl.atomic_add(counter, 1, sem="acq_rel")  # splits of (b, kv_head) done before this one
-        if finished == NUM_SPLITS - 1:  # the last one: every other partial is visible (acquire)
-            for h in tl.static_range(GROUP):  # unrolled: every head's loads in flight together
-                _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, kv_head * GROUP + h, stride_mob, stride_moh,
-                            stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                            BLOCK_S, ".cg")
-            tl.store(counter, 0)  # the next call, and every CUDA graph replay, starts from zero
 
 
 @triton.jit
@@ -193,37 +158,29 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_mob, stride_moh,
-                stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S, "")
+                stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
 
 
 @dataclass
 class DecodeWorkspace:
-    """Split partials and merge counters, sized for up to ``max_batch_size`` sequences; reused across
-    steps/graphs. ``counters`` must be all zero between calls: the merging program resets its own."""
-    mid_o: torch.Tensor     # [max_batch_size, num_q_heads, num_kv_splits, head_dim]
-    mid_lse: torch.Tensor   # [max_batch_size, num_q_heads, num_kv_splits] fp32, base-2
-    counters: torch.Tensor  # [max_batch_size, num_kv_heads] int32: splits finished (merge="in_kernel")
+    """Split partials, sized for up to ``max_batch_size`` sequences; reused across steps/graphs."""
+    mid_o: torch.Tensor    # [max_batch_size, num_q_heads, num_kv_splits, head_dim]
+    mid_lse: torch.Tensor  # [max_batch_size, num_q_heads, num_kv_splits] fp32, base-2
 
     @classmethod
     def allocate(cls, max_batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
-                 dtype: torch.dtype, device: torch.device | str, reduce_in_fp32: bool = False, *,
-                 num_kv_heads: int | None = None) -> "DecodeWorkspace":
-        """``num_kv_heads`` defaults to ``num_q_heads``, the most any GQA layout of those q heads has."""
+                 dtype: torch.dtype, device: torch.device | str, reduce_in_fp32: bool = False) -> "DecodeWorkspace":
         mid_dtype = torch.float32 if reduce_in_fp32 else dtype
         return cls(
             mid_o=torch.empty(max_batch_size, num_q_heads, num_kv_splits, head_dim, dtype=mid_dtype, device=device),
             mid_lse=torch.empty(max_batch_size, num_q_heads, num_kv_splits, dtype=torch.float32, device=device),
-            counters=torch.zeros(max_batch_size, num_kv_heads or num_q_heads, dtype=torch.int32, device=device),
         )
 
     def fits(self, batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
-             mid_dtype: torch.dtype, num_kv_heads: int = 1) -> bool:
-        """``decode_attention`` passes ``num_kv_heads``; without it only the counters' rows are checked."""
+             mid_dtype: torch.dtype) -> bool:
         cap_b, hq, splits, d = self.mid_o.shape  # a workspace for more splits serves fewer (strided)
-        cap_cb, cap_hkv = self.counters.shape
-        return (batch_size <= min(cap_b, cap_cb) and (hq, d) == (num_q_heads, head_dim) and splits >= num_kv_splits
-                and self.mid_o.dtype == mid_dtype and num_kv_heads <= cap_hkv
-                and self.counters.dtype == torch.int32 and self.counters.stride(1) == 1)
+        return (batch_size <= cap_b and (hq, d) == (num_q_heads, head_dim) and splits >= num_kv_splits
+                and self.mid_o.dtype == mid_dtype)
 
 
 def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
@@ -243,84 +200,55 @@ def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
     require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
-MERGE_MODES = ("auto", "in_kernel", "reduce_kernel")
-
-
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, *, k_scale: float = 1.0, v_scale: float = 1.0,
                      num_kv_splits: int = 8, reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
                      workspace: DecodeWorkspace | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None,
-                     merge: str = "auto") -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q ``[B, Hq, D]`` -> ``[B, Hq, D]``: attention over ``seq_lens[b]`` tokens of ``page_table[b]``.
 
     page_table ``[>=B, W]`` int32 (page ids, row b covers ceil(seq_lens[b] / page_size) pages);
     seq_lens ``[>=B]`` int32 (context length including the new token, already stored).
     Pages in q's dtype, or fp8 holding ``K / k_scale`` and ``V / v_scale``.
-    merge: "in_kernel" (one launch: the last split program of each (seq, kv head) merges),
-    "reduce_kernel" (a second launch merges) or "auto" (in_kernel for one split, else reduce_kernel).
     """
     _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
-    require(merge in MERGE_MODES, lambda: f"merge must be one of {MERGE_MODES}, got {merge!r}")
     require(num_kv_splits >= 1, lambda: f"num_kv_splits must be >= 1, got {num_kv_splits}")
     require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     b, hq, d = q.shape
-    hkv = k_pages.shape[2]
     if out is None:
         out = torch.empty_like(q)
     check_tensor("out", out, 3, (q.dtype,))
     require(out.shape == q.shape, lambda: f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     mid_dtype = torch.float32 if reduce_in_fp32 else q.dtype
-    if workspace is None or not workspace.fits(b, hq, d, num_kv_splits, mid_dtype, hkv):
-        workspace = DecodeWorkspace.allocate(b, hq, d, num_kv_splits, q.dtype, q.device, reduce_in_fp32,
-                                             num_kv_heads=hkv)
+    if workspace is None or not workspace.fits(b, hq, d, num_kv_splits, mid_dtype):
+        workspace = DecodeWorkspace.allocate(b, hq, d, num_kv_splits, q.dtype, q.device, reduce_in_fp32)
     if b == 0:
         return out
     block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
     require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
-    if merge == "auto":
-        merge = "in_kernel" if num_kv_splits == 1 else "reduce_kernel"
-    launch = _launch_in_kernel if merge == "in_kernel" else _launch_with_reduce
-    launch(q, k_pages, v_pages, page_table, seq_lens, scale * k_scale * LOG2E, v_scale, out, workspace,
-           num_kv_splits, block_n, num_warps or 4, num_stages or 2)
+    _launch(q, k_pages, v_pages, page_table, seq_lens, scale * k_scale * LOG2E, v_scale, out, workspace,
+            num_kv_splits, block_n, num_warps or 4, num_stages or 2)
     return out
 
 
-def _split_args(q, k_pages, v_pages, page_table, ws: DecodeWorkspace) -> tuple:
-    """Strides shared by both split kernels, in their argument order."""
-    mid_o, mid_lse = ws.mid_o, ws.mid_lse
-    return (q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-            v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
-
-
-def _split_meta(q, k_pages, num_kv_splits: int, block_n: int) -> dict:
-    d, group = q.shape[2], q.shape[1] // k_pages.shape[2]
-    return dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=next_pow2(d),
-                PAGE_SIZE=k_pages.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_kv_splits,
-                PRECISION=dot_precision(q.dtype), F16_DOT=k_pages.dtype in FP8_DTYPES and q.dtype != torch.float32)
-
-
-def _launch_in_kernel(q, k_pages, v_pages, page_table, seq_lens, qk_scale: float, v_scale: float, out, ws,
-                      num_kv_splits: int, block_n: int, num_warps: int, num_stages: int) -> None:
-    b, hkv = q.shape[0], k_pages.shape[2]
-    _decode_merged_kernel[(b, hkv, num_kv_splits)](
-        q, k_pages, v_pages, page_table, seq_lens, ws.mid_o, ws.mid_lse, out, ws.counters, qk_scale, v_scale,
-        *_split_args(q, k_pages, v_pages, page_table, ws), out.stride(0), out.stride(1), ws.counters.stride(0),
-        **_split_meta(q, k_pages, num_kv_splits, block_n), BLOCK_S=max(2, next_pow2(num_kv_splits)),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-
-
-def _launch_with_reduce(q, k_pages, v_pages, page_table, seq_lens, qk_scale: float, v_scale: float, out, ws,
-                        num_kv_splits: int, block_n: int, num_warps: int, num_stages: int) -> None:
+def _launch(q, k_pages, v_pages, page_table, seq_lens, qk_scale: float, v_scale: float, out, ws: DecodeWorkspace,
+            num_kv_splits: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    """The split kernel, then (several splits) the reduce kernel."""
     (b, hq, d), hkv = q.shape, k_pages.shape[2]
     mid_o, mid_lse = ws.mid_o, ws.mid_lse
+    group = hq // hkv
     _decode_split_kernel[(b, hkv, num_kv_splits)](
-        q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, qk_scale, v_scale,
-        *_split_args(q, k_pages, v_pages, page_table, ws), **_split_meta(q, k_pages, num_kv_splits, block_n),
-        num_warps=num_warps, num_stages=num_stages,
+        q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, out, qk_scale, v_scale,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE_SIZE=k_pages.shape[1],
+        BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, PRECISION=dot_precision(q.dtype),
+        F16_DOT=k_pages.dtype in FP8_DTYPES and q.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
+    if num_kv_splits == 1:  # normalised into out by the split kernel
+        return
     _decode_reduce_kernel[(b, hq)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),

@@ -26,7 +26,7 @@ from engine_bench import (ARCHS, HBM_BYTES_PER_S, decode_floor_ms, param_counts,
                           write_model_dir)
 from pdserve_timing import make_runner, page_tables  # noqa: E402
 
-CLASSES = (("attention", ("decode_split", "decode_reduce", "decode_merged", "extend")), ("kv store", ("store_kv", "kv_store")),
+CLASSES = (("attention", ("decode_split", "decode_reduce", "extend")), ("kv store", ("store_kv", "kv_store")),
            ("norm", ("rmsnorm",)), ("rotary", ("rotary", "rope_store")), ("activation", ("silu",)),
            ("gemm", ("gemm", "gemv", "sm90", "cutlass", "cublas", "nvjet", "splitk")))
 

@@ -96,47 +96,6 @@ def _compiled_variants(kernel) -> int | None:
     return len(entry[0]) if entry else None
 
 
-MERGES = ("in_kernel", "reduce_kernel")
-
-
-def check_merge_under_graph(res: Results, bench: DecodeBench, batch: int, splits: int) -> None:
-    """merge="in_kernel" replayed from one CUDA graph (out poisoned before each replay, so every
-    replay must merge again: the counters reset) against the two-kernel path, eager."""
-    from pdserve.kernels.decode_attention import DecodeWorkspace, decode_attention
-    sh, c = bench.sh, slice(0, batch)
-    ws = DecodeWorkspace.allocate(batch, sh.num_q_heads, sh.head_dim, splits, torch.bfloat16, bench.q.device,
-                                  num_kv_heads=sh.num_kv_heads)
-    args = (bench.q[c], bench.kp, bench.vp, bench.table[c], bench.seq_lens[c].clone(), sh.head_dim ** -0.5)
-    fused = torch.empty_like(bench.q[c])
-
-    def call():
-        decode_attention(*args, num_kv_splits=splits, out=fused, workspace=ws, merge="in_kernel")
-    call()  # compiles outside the capture
-    replay = call
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        replay = graph.replay
-    reduced = decode_attention(*args, num_kv_splits=splits, merge="reduce_kernel")
-    ok, err = True, 0.0
-    for _ in range(3):
-        fused.fill_(float("nan"))
-        replay()
-        diff = (fused.float() - reduced.float()).abs()
-        err = max(err, diff.max().item())
-        ok &= bool(torch.allclose(fused.float(), reduced.float(), atol=1e-2, rtol=1e-2))
-    zero = not bool(ws.counters.any())
-    res.flag(f"decode B={batch} splits={splits}: in-kernel merge == reduce kernel (3 replays)", ok and zero,
-             f"max|diff| {err:.1e}, counters {'0' if zero else 'NOT 0'}")
-
-
-def _variants(mod) -> int | None:
-    counts = [_compiled_variants(k) for k in (mod._decode_merged_kernel, mod._decode_split_kernel)]
-    return None if None in counts else sum(counts)
-
-
 def bench_decode(res: Results, sh: Shapes, device) -> None:
     from pdserve.kernels import decode_attention as mod
     from pdserve.kernels.backend import kv_splits_for
@@ -144,27 +103,18 @@ def bench_decode(res: Results, sh: Shapes, device) -> None:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else None
     print(f"\n== paged decode attention: {sh.num_q_heads}q/{sh.num_kv_heads}kv heads, D={sh.head_dim}, "
           f"page {sh.page_size}, ctx {sh.bench_ctx}, bf16, splits as the engine picks them (max 32) ==")
-    print(f"  {'':>12}{'merge in_kernel (1 launch)':>29}{'merge reduce_kernel (2)':>29}")
-    print(f"  {'batch':>5} {'splits':>6}" + f" {'us/layer':>9} {'GB/s':>7} {'% 4.3TB/s':>10}" * 2 + f" {'saved us':>9}")
+    print(f"  {'batch':>5} {'splits':>6} {'us/layer':>10} {'GB/s':>8} {'% of 4.3 TB/s':>14}")
     before = None
     for b in sh.bench_batches:
         splits = kv_splits_for(b, sh.num_kv_heads, 32, sms)
-        (us_in, gb_in), (us_red, gb_red) = (bench.measure(b, splits, merge=m) for m in MERGES)
-        before = _variants(mod) if before is None else before
-        cells = "".join(f" {us:>9.1f} {gb:>7.0f} {100 * gb / PEAK_GBPS:>9.1f}%" for us, gb in
-                        ((us_in, gb_in), (us_red, gb_red)))
-        print(f"  {b:>5} {splits:>6}{cells} {us_red - us_in:>9.1f}", flush=True)
-    after = _variants(mod)
+        us, gbps = bench.measure(b, splits)
+        before = _compiled_variants(mod._decode_split_kernel) if before is None else before
+        print(f"  {b:>5} {splits:>6} {us:>10.1f} {gbps:>8.0f} {100 * gbps / PEAK_GBPS:>13.1f}%", flush=True)
+    after = _compiled_variants(mod._decode_split_kernel)
     if after is not None:
-        res.flag("decode: no recompile across batch sizes (one variant per split count)", after <= before + 6,
+        res.flag("decode: no recompile across batch sizes (one variant per split count)", after <= before + 3,
                  f"{after} variant(s)")
-    for b in sh.bench_batches:
-        check_merge_under_graph(res, bench, b, kv_splits_for(b, sh.num_kv_heads, 32, sms))
-    _sweep_decode(bench, sh)
-
-
-def _sweep_decode(bench: DecodeBench, sh: Shapes) -> None:
-    print("  sweep, merge in_kernel (batch: splits/block_n/warps/stages -> us, GB/s):")
+    print("  sweep (batch: splits/block_n/warps/stages -> us, GB/s):")
     sweeps = {sh.bench_batches[0]: [(8, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 2, 2),
                                     (32, 64, 4, 3), (32, 128, 4, 2)],
               sh.bench_batches[-1]: [(8, 64, 4, 2), (8, 64, 4, 3), (8, 128, 4, 2), (8, 128, 8, 3), (4, 64, 4, 2),
