@@ -150,6 +150,8 @@ class KernelConfig:
                                                    "CUDA graph; 0 runs prefill eagerly.")
     cuda_graph_max_prefill_seqs: int = opt(16, "Most sequences in a prefill step replayed from a CUDA graph.")
     disable_overlap_schedule: bool = opt(False, "Do not overlap CPU scheduling with GPU work.")
+    disable_fused_gemv: bool = opt(False, "Run batch-1 steps through cuBLAS and separate RMSNorm/SiLU kernels "
+                                          "instead of the fused GEMV kernels (GPU).")
     enable_torch_compile: bool = opt(False, "torch.compile the decode step.")
     torch_compile_max_bs: int = opt(32, "Largest batch run through torch.compile.")
 

@@ -45,8 +45,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        return self.o_proj(self.attend(self.qkv_proj(x), positions, rope, batch, attn))
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+               batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) * D] -> attention output [T, Hq * D] (K/V stored on the way)."""
+        t = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is None and not qkv.is_cuda:  # q and k side by side: rotate them in one go
             qk = rope.rotate(positions, qkv[:, :self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads,
@@ -59,10 +63,9 @@ class LlamaAttention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             if attn.fuses_rope and rope.cos_sin is not None:  # rotated where K/V are stored
                 out = attn.forward(self.layer_idx, q, k, v, batch, self.scale, rope=(positions, rope.cos_sin))
-                return self.o_proj(out.reshape(t, self.q_size))
+                return out.reshape(t, self.q_size)
             q, k = rope(positions, q, k)
-        out = attn.forward(self.layer_idx, q, k, v, batch, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+        return attn.forward(self.layer_idx, q, k, v, batch, self.scale).reshape(t, self.q_size)  # [T, Hq * D]
 
 
 class LlamaMLP(nn.Module):
@@ -93,6 +96,19 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_gemv(self, residual, positions, rope, batch, attn) -> None:
+        """One token through the fused GEMVs (kernels/gemv.py): ``residual [1, H]`` is the
+        residual stream in and out, updated in place; four GEMV launches plus attention."""
+        from pdserve.kernels.gemv import fused_gemv  # triton stays out of CPU-only imports
+
+        sa, mlp = self.self_attn, self.mlp
+        qkv = fused_gemv(residual, sa.qkv_proj.weight, sa.qkv_proj.bias, norm_weight=self.input_layernorm.weight,
+                         eps=self.input_layernorm.eps)
+        fused_gemv(sa.attend(qkv, positions, rope, batch, attn), sa.o_proj.weight, residual=residual)
+        act = fused_gemv(residual, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
+                         eps=self.post_attention_layernorm.eps, silu_out=True)
+        fused_gemv(act, mlp.down_proj.weight, residual=residual)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPInfo, dtype: torch.dtype, device, max_positions: int) -> None:
@@ -103,8 +119,14 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                           arch.rope_scaling_dict or None, device)
 
+        self.fused_gemv = False  # batch-1 steps through forward_gemv (LlamaForCausalLM.enable_fused_gemv)
+
     def forward(self, input_ids, positions, batch, attn) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
+        if self.fused_gemv and input_ids.shape[0] == 1:
+            for layer in self.layers:
+                layer.forward_gemv(x, positions, self.rotary_emb, batch, attn)  # x: the residual stream
+            return self.norm(x)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rotary_emb, batch, attn)
         x, _ = self.norm(x, residual)
@@ -136,7 +158,26 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
+        if self.model.fused_gemv and hidden.shape[0] == 1:
+            from pdserve.kernels.gemv import fused_gemv
+            return fused_gemv(hidden, self.lm_head.weight)[:, :self.arch.vocab_size].float()
         return self.lm_head.logits(hidden).float()
+
+    def enable_fused_gemv(self) -> str | None:
+        """Batch-1 steps (a decode step of one sequence) through the fused GEMV kernels from now
+        on; returns why not instead where they cannot serve this model (``--disable-fused-gemv``
+        turns them off)."""
+        if self.tp.size > 1:
+            return "tensor parallel (the residual add must follow the all-reduce)"
+        if any(isinstance(m, QuantizableLinear) and m.qweight is not None for m in self.modules()):
+            return "int8 weights"
+        layer = self.model.layers[0]
+        if layer.self_attn.o_proj.bias is not None:
+            return "an output-projection bias"
+        if layer.self_attn.qkv_proj.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"weights in {layer.self_attn.qkv_proj.weight.dtype}"
+        self.model.fused_gemv = True
+        return None
 
     def quantize_(self, method: str) -> None:
         """After loading: every linear layer (qkv, o, gate_up, down, lm_head) to int8 (``--quantization``)."""

@@ -132,6 +132,7 @@ class ModelRunner:
             torch.set_num_threads(cfg.model.cpu_threads)
         self.loaded = load_model(cfg.model, self.device)
         self.model = self.loaded.model
+        self.fused_gemv = self._enable_fused_gemv(cfg)
         arch = self.loaded.arch
         self.context_length = self.loaded.context_length
         self.vocab_size = arch.vocab_size
@@ -150,6 +151,15 @@ class ModelRunner:
         log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
                  cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)
+
+    def _enable_fused_gemv(self, cfg: EngineConfig) -> bool:
+        """Batch-1 steps through the fused GEMV kernels on a GPU, unless --disable-fused-gemv."""
+        if self.device.type != "cuda" or cfg.kernel.disable_fused_gemv:
+            return False
+        why_not = self.model.enable_fused_gemv()
+        if why_not is not None:
+            log.info("fused batch-1 GEMV off: %s", why_not)
+        return why_not is None
 
     def _capture_graphs(self, cfg: EngineConfig, role: str) -> None:
         from pdserve.runtime.cuda_graph import CudaGraphRunner

@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(ARCHS))
     ap.add_argument("--batches", default="1,256")
     ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--disable-fused-gemv", action="store_true", help="batch 1 through cuBLAS + separate kernels")
     ap.add_argument("--prefill", default="", help="also profile prefills of these lengths, e.g. 1024,4096")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -118,7 +119,8 @@ def main() -> int:
         model_dir = write_model_dir(Path(tmp), args.model)
         prefills = [int(p) for p in args.prefill.split(",") if p]
         total = max(max(batches) * (args.ctx + 32), max(prefills, default=0) + 64)
-        runner = make_runner(model_dir, "cuda", "bfloat16", total, max([args.ctx, *prefills]) + 64, max(batches))
+        runner = make_runner(model_dir, "cuda", "bfloat16", total, max([args.ctx, *prefills]) + 64, max(batches),
+                             disable_fused_gemv=args.disable_fused_gemv)
         layers, embed, head = param_counts(cfg)
         weight_bytes = (layers + (head or embed)) * 2  # bf16 layer weights + LM head
         for b in batches:

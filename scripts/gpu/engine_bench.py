@@ -201,15 +201,16 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
     cfg = ARCHS[name]
     page = 16
     pages_per_seq = -(-(args.ctx + args.warmup + args.steps + 1) // page)
-    total = max(max(args.batches) * pages_per_seq * page, max(args.prefill) + page)
-    context_length = max(args.ctx + args.warmup + args.steps + page, max(args.prefill)) + page
+    total = max(max(args.batches) * pages_per_seq * page, max(args.prefill, default=0) + page)
+    context_length = max(args.ctx + args.warmup + args.steps + page, max(args.prefill, default=0)) + page
     t0 = time.perf_counter()
     try:
-        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches))
+        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches),
+                             disable_fused_gemv=args.disable_fused_gemv)
     except RuntimeError:  # graph capture failed: say so, and still measure the eager engine
         report.error(f"{name} pdserve CUDA graph capture")
         runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches),
-                             disable_cuda_graph=True)
+                             disable_cuda_graph=True, disable_fused_gemv=args.disable_fused_gemv)
     graphs = runner.graphs
     note = f"load+capture {time.perf_counter() - t0:.1f}s"
     if graphs is not None:
@@ -397,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--disable-fused-gemv", action="store_true", help="batch 1 through cuBLAS + separate kernels")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--compile-models", default="llama-3.2-1b,llama-3.1-8b", help="torch.compile section, in order")
     p.add_argument("--compile-budget-s", type=int, default=120, help="per model, torch.compile section")
@@ -411,7 +413,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.batches = [int(x) for x in args.batches.split(",")]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",") if x]
-    args.prefill = [int(x) for x in args.prefill.split(",")]
+    args.prefill = [int(x) for x in args.prefill.split(",") if x]
     if args.json is None and os.environ.get("OUT"):
         args.json = str(Path(os.environ["OUT"]) / "engine_bench.json")
     return args
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
     report.meta.update(device=args.device, dtype=args.dtype, torch=torch.__version__, ctx=args.ctx,
                        gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                        hbm_tb_s=HBM_BYTES_PER_S / 1e12, peak_tflops=PEAK_FLOPS / 1e12,
-                       host_loop_ms=host_loop_ms())
+                       host_loop_ms=host_loop_ms(), fused_gemv=not args.disable_fused_gemv)
     print(f"engine_bench: {args.device} {args.dtype}, models {args.models}; host: a fixed Python loop takes "
           f"{report.meta['host_loop_ms']} ms", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 torch.compile's max-autotune choice, as weight bandwidth (the decode floor's assumption).
 
     python scripts/gpu/gemv_bench.py [--batches 1,8] [--skip-compile]
+    python scripts/gpu/gemv_bench.py --fused     # batch 1: pdserve's fused GEMV, sweep + layer chain
 
 Answers: can --enable-torch-compile (inductor's max-autotune GEMM choice) make the batch-1 step,
 87% weight GEMMs, faster? Timed inside a CUDA graph (as the engine decodes), cycling through
@@ -53,7 +54,12 @@ def main() -> int:
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--blas-variants", action="store_true",
                     help="F.linear through cuBLAS and cuBLASLt, and W @ x (the other operand order) instead")
+    ap.add_argument("--fused", action="store_true",
+                    help="pdserve.kernels.gemv: tiling sweep per shape, then a layer's GEMM chain fused vs unfused")
     args = ap.parse_args()
+    if args.fused:
+        from gemv_fused_bench import fused_main
+        return fused_main(SHAPES, gpu_us)
     if args.blas_variants:
         return blas_variants([int(x) for x in args.batches.split(",")])
     print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6}")

@@ -173,6 +173,25 @@ def check_elementwise(res: Results, sh: Shapes, dtype, device) -> None:
     check_rope_store(res, sh, dtype, device, cache, rows)
 
 
+def check_gemv(res: Results, sh: Shapes, dtype, device) -> None:
+    """The fused batch-1 GEMV in each form a layer uses, at the model's shapes, against the unfused
+    ops (the RMSNorm form within a bf16 ulp of the largest output: the normed row is not rounded)."""
+    import torch
+    from pdserve.kernels.gemv import fused_gemv, fused_gemv_ref
+    h, i = sh.hidden, sh.intermediate
+    x, xi = torch.randn(1, h, device=device).to(dtype), torch.randn(1, i, device=device).to(dtype)
+    g = (1 + 0.1 * torch.randn(h, device=device)).to(dtype)
+    w_h, w_gu, w_d = ((0.02 * torch.randn(*shape, device=device)).to(dtype) for shape in ((h, h), (2 * i, h), (h, i)))
+    res.check("fused_gemv (plain, O-sized)", fused_gemv(x, w_h), fused_gemv_ref(x, w_h), *_tol(dtype))
+    r = torch.randn(1, h, device=device).to(dtype)
+    res.check("fused_gemv + residual (down)", fused_gemv(xi, w_d, residual=r.clone()),
+              fused_gemv_ref(xi, w_d, residual=r), *_tol(dtype))
+    for name, w, kw in (("RMSNorm + QKV-like", w_h, {}), ("RMSNorm + gate/up + SiLU-mul", w_gu, {"silu_out": True})):
+        ref = fused_gemv_ref(x, w, norm_weight=g, eps=1e-5, **kw)
+        res.check(f"fused_gemv ({name})", fused_gemv(x, w, norm_weight=g, eps=1e-5, **kw), ref,
+                  ref.float().abs().max().item() * 2**-7, 0.0)
+
+
 def check_rope_store(res: Results, sh: Shapes, dtype, device, cache, rows: int) -> None:
     """The fused rotary + store launch against the two kernels it replaces: bit for bit."""
     import torch
@@ -255,6 +274,7 @@ def run_checks(res: Results, sh: Shapes, device) -> None:
     res.guard("extend fp32", check_extend, res, sh, sh.num_q_heads, sh.num_kv_heads, sh.extend_prefix[:3],
               sh.extend_new[:3], torch.float32, device)
     res.guard("elementwise", check_elementwise, res, sh, bf16, device)
+    res.guard("gemv", check_gemv, res, sh, bf16, device)
     res.guard("backends", check_backends, res, sh, bf16, device)
 
 

@@ -17,7 +17,8 @@ def sync(device: torch.device) -> None:
 
 
 def make_runner(model_dir: Path, device: str, dtype: str, total_tokens: int, context_length: int,
-                cuda_graph_max_bs: int, disable_cuda_graph: bool = False, attention_backend: str = "auto"):
+                cuda_graph_max_bs: int, disable_cuda_graph: bool = False, attention_backend: str = "auto",
+                disable_fused_gemv: bool = False):
     from pdserve.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig
     from pdserve.runtime.model_runner import ModelRunner
 
@@ -25,7 +26,8 @@ def make_runner(model_dir: Path, device: str, dtype: str, total_tokens: int, con
                                          context_length=context_length),
                        cache=CacheConfig(max_total_tokens=total_tokens),
                        kernel=KernelConfig(cuda_graph_max_bs=cuda_graph_max_bs, attention_backend=attention_backend,
-                                           disable_cuda_graph=disable_cuda_graph or device == "cpu"))
+                                           disable_cuda_graph=disable_cuda_graph or device == "cpu",
+                                           disable_fused_gemv=disable_fused_gemv))
     return ModelRunner(cfg)
 
 
