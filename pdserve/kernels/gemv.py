@@ -43,9 +43,9 @@ class GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn, up_offset,
+def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn,
                  NORM: tl.constexpr, BIAS: tl.constexpr, SILU_OUT: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GU_BLOCK: tl.constexpr):
     out_ty = y_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -54,7 +54,6 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn, up_off
         res = tl.load(y_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     ss = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -65,36 +64,46 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn, up_off
             x = x * tl.load(g_ptr + one[:, None] + kk[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         mask = mask_n[:, None] & mask_k[None, :]
         acc += tl.load(w_rows + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
-        if SILU_OUT:  # the matching up rows, ``up_offset`` rows further
-            acc_up += tl.load(w_rows + up_offset * stride_wn + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
     y = tl.sum(acc, 1)
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(ss, 1), 0) / K + eps)
         y = y * rstd
     if BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    y = y.to(out_ty)
-    if SILU_OUT:  # rounded as the unfused GEMM output, transformers' silu(gate), then the product
-        up = tl.sum(acc_up, 1)
-        if NORM:
-            up = up * rstd
-        gate = y.to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-        y = (act * up.to(out_ty).to(tl.float32)).to(out_ty)
-    if RESIDUAL:  # residual += y, rounded as transformers' ``residual + hidden_states``
-        y = (res + y.to(tl.float32)).to(out_ty)
-    tl.store(y_ptr + offs_n, y, mask=mask_n)
+    if SILU_OUT:  # rows come as blocks of GU_BLOCK gate rows then the same GU_BLOCK up rows
+        _store_gate_up_blocks(y, y_ptr, N // 2, BLOCK_N, GU_BLOCK)
+    else:
+        y = y.to(out_ty)
+        if RESIDUAL:  # residual += y, rounded as transformers' ``residual + hidden_states``
+            y = (res + y.to(tl.float32)).to(out_ty)
+        tl.store(y_ptr + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def _store_gate_up_blocks(y, y_ptr, n_out, BLOCK_N: tl.constexpr, GU_BLOCK: tl.constexpr):
+    """``y`` [BLOCK_N] fp32 sums over (gate block, up block) pairs -> silu(gate) * up at their
+    columns, rounded as the unfused GEMM output, transformers' ``silu(gate)``, then the product."""
+    out_ty = y_ptr.dtype.element_ty
+    pairs: tl.constexpr = BLOCK_N // (2 * GU_BLOCK)
+    y3 = tl.reshape(y, (pairs, 2, GU_BLOCK))
+    half = tl.arange(0, 2)[None, :, None]
+    gate = tl.sum(tl.where(half == 0, y3, 0.0), 1).to(out_ty).to(tl.float32)  # [pairs, GU_BLOCK]
+    up = tl.sum(tl.where(half == 1, y3, 0.0), 1).to(out_ty).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    cols = (tl.program_id(0) * pairs + tl.arange(0, pairs))[:, None] * GU_BLOCK + tl.arange(0, GU_BLOCK)[None, :]
+    tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < n_out)
 
 
 def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu_out: bool = False,
                residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               config: GemvConfig | None = None) -> torch.Tensor:
+               config: GemvConfig | None = None, gate_up_block: int = 8) -> torch.Tensor:
     """One row: ``x [1, K]``, ``w [N, K]`` (+ ``bias [N]``) -> ``[1, N]`` (``[1, N / 2]`` with ``silu_out``).
 
     ``norm_weight [K]``: RMSNorm of x, its 1/RMS applied to the finished sums. ``silu_out``: w is a
-    merged gate | up weight; the output is ``silu(gate) * up``. ``residual [1, N]``: the product is
-    added into it in place, and it is returned."""
+    merged gate/up weight in blocks of ``gate_up_block`` gate rows, then their up rows
+    (``MergedColumnParallelLinear``); the output is ``silu(gate) * up``. ``residual [1, N]``: the
+    product is added into it in place, and it is returned."""
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("w", w, 2, (x.dtype,))
     n, k = w.shape
@@ -122,33 +131,38 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     tensors["out"] = out
     check_same_device(**tensors)
     cfg = config or pick_config(n_out, k, silu_out)
-    _gemv_kernel[(triton.cdiv(n_out, cfg.block_n),)](
-        x, norm_weight if norm_weight is not None else x, w, bias if bias is not None else x, out, n_out, k, eps,
-        w.stride(0), n_out, NORM=norm_weight is not None, BIAS=bias is not None, SILU_OUT=silu_out, RESIDUAL=residual is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    require(not silu_out or (gate_up_block >= 1 and n_out % gate_up_block == 0
+                             and cfg.block_n % (2 * gate_up_block) == 0),
+            lambda: f"gate_up_block {gate_up_block} must divide {n_out} and half of block_n {cfg.block_n}")
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, norm_weight if norm_weight is not None else x, w, bias if bias is not None else x, out, n, k, eps,
+        w.stride(0), NORM=norm_weight is not None, BIAS=bias is not None, SILU_OUT=silu_out,
+        RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GU_BLOCK=gate_up_block,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def pick_config(n: int, k: int, silu_out: bool) -> GemvConfig:
     """Tiling by shape, from the H200 sweep (``scripts/gpu/gemv_bench.py --fused``, Llama-3.1-8B):
     narrow column blocks for narrow outputs (4096: 512 programs), 16 for QKV-sized ones, 256-wide K
-    steps for the vocabulary, and 32 columns of gate and of up where both stream (``silu_out``)."""
+    steps for the vocabulary, 16 rows (a gate block and its up block) for gate/up (``silu_out``)."""
     if silu_out:
-        return GemvConfig(32, 256, 4, 4)
+        return GemvConfig(16, 256, 4, 2)
     if n <= 8192:
         return GemvConfig(8 if n <= 4096 else 16, 512, 4, 3)
     return GemvConfig(16, 256, 4, 3)
 
 
-def fused_gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
-                   eps: float = 1e-6, silu_out: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+def fused_gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu_out: bool = False,
+                   residual: torch.Tensor | None = None, gate_up_block: int = 8) -> torch.Tensor:
     """The unfused ops, rounded as transformers' modules; returns a new tensor (residual untouched)."""
+    from pdserve.kernels.activation import silu_and_mul_ref
     from pdserve.kernels.rmsnorm import rmsnorm_ref
 
     if norm_weight is not None:
         x = rmsnorm_ref(x, norm_weight, eps)
     y = (x.float() @ w.float().T + (0 if bias is None else bias.float())).to(x.dtype)
-    if silu_out:
-        gate, up = y.chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+    if silu_out:  # transformers' modules: silu(gate) rounded, then the product
+        y = silu_and_mul_ref(y, gate_up_block)
     return y if residual is None else (residual.float() + y.float()).to(x.dtype)

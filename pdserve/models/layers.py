@@ -134,8 +134,28 @@ class ColumnParallelLinear(QuantizableLinear):
         return self.matmul(x, self.bias)
 
 
+GATE_UP_BLOCK = 8  # gate/up rows stored in blocks of this many gate rows, then the same up rows
+
+
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """gate_up: two column-parallel outputs of the same size in one matmul."""
+    """gate_up: two column-parallel outputs of the same size in one matmul, stored interleaved in
+    blocks: ``block`` gate rows, then the same ``block`` up rows, and so on. Then the rows one
+    program of the fused batch-1 GEMV needs for ``silu(gate) * up`` are contiguous, one weight
+    stream instead of two (kernels/gemv.py; 56.0 vs 59.7 us for Llama-3.1-8B on an H200), and every
+    consumer of the output (``silu_and_mul``) takes the same ``block``."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TPInfo,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if len(output_sizes) != 2 or output_sizes[0] != output_sizes[1]:
+            raise ValueError(f"gate/up parts must be two of one size, got {output_sizes}")
+        super().__init__(input_size, output_sizes, bias, tp, dtype, device)
+        self.block = math.gcd(self.shard_sizes[0], GATE_UP_BLOCK)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _, size, start = self.shard_range(shard_id)
+        _check_full(loaded, 0, self.full_sizes[shard_id], "column part")
+        blocks = param.data.view(size // self.block, 2, self.block, *param.shape[1:])
+        _copy(blocks[:, shard_id], loaded.narrow(0, start, size).reshape(blocks[:, shard_id].shape), "column shard")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -272,13 +292,21 @@ class RMSNorm(nn.Module):
         return out.view(shape), new_residual.view(shape)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2 * I] (gate | up) -> [T, I] = silu(gate) * up."""
+def silu_and_mul(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """[T, 2 * I] -> [T, I] = silu(gate) * up; gate and up come in blocks of ``block`` columns
+    each (``MergedColumnParallelLinear``), or as halves (``None``)."""
     if x.is_cuda:
         from pdserve.kernels.activation import silu_and_mul as silu_and_mul_triton
-        return silu_and_mul_triton(x)
-    gate, up = x.chunk(2, dim=-1)
+        return silu_and_mul_triton(x, block=block)
+    gate, up = split_gate_up(x, block)
     return F.silu(gate) * up
+
+
+def split_gate_up(x: torch.Tensor, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 2 * I] in blocks of ``block`` gate then ``block`` up columns -> (gate, up), each [T, I]."""
+    t, inter = x.shape[0], x.shape[1] // 2
+    blocks = x.view(t, inter // (block or inter), 2, block or inter)
+    return blocks[:, :, 0].reshape(t, inter), blocks[:, :, 1].reshape(t, inter)
 
 
 class RotaryEmbedding(nn.Module):

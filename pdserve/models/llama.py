@@ -76,7 +76,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2I / tp] -> [T, I / tp] -> [T, H]
+        gate_up = self.gate_up_proj(x)  # [T, 2I / tp], gate and up in blocks
+        return self.down_proj(silu_and_mul(gate_up, self.gate_up_proj.block))  # -> [T, I / tp] -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -106,7 +107,7 @@ class LlamaDecoderLayer(nn.Module):
                          eps=self.input_layernorm.eps)
         fused_gemv(sa.attend(qkv, positions, rope, batch, attn), sa.o_proj.weight, residual=residual)
         act = fused_gemv(residual, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
-                         eps=self.post_attention_layernorm.eps, silu_out=True)
+                         eps=self.post_attention_layernorm.eps, silu_out=True, gate_up_block=mlp.gate_up_proj.block)
         fused_gemv(act, mlp.down_proj.weight, residual=residual)
 
 

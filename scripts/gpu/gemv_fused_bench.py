@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.gemv import GemvConfig, fused_gemv
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm
+from pdserve.models.layers import GATE_UP_BLOCK
 
-TILINGS = [(8, 512), (16, 256), (16, 512), (32, 256), (8, 1024), (32, 128)]
+TILINGS = [(8, 512), (16, 256), (16, 512), (32, 256), (8, 1024), (32, 128), (64, 128)]
 # (shape, variant): the fused form each GEMM takes in a layer, and the plain one
-VARIANTS = {"qkv": ("plain", "norm"), "o": ("plain", "res"), "gate_up": ("plain", "norm_silu"),
+VARIANTS = {"qkv": ("plain", "norm"), "o": ("plain", "res"),
+            "gate_up": ("plain", "norm", "norm_silu"),
             "down": ("plain", "res"), "lm_head": ("plain",)}
 
 
@@ -51,6 +53,8 @@ def sweep(shapes: dict, gpu_us) -> dict[tuple[str, str], GemvConfig]:
             x = x1
             results = []
             for (bn, bk), warps, stages in itertools.product(TILINGS, (4, 8), (2, 3, 4)):
+                if variant == "norm_silu" and bn % (2 * GATE_UP_BLOCK):
+                    continue
                 cfg = GemvConfig(bn, bk, warps, stages)
                 try:
                     results.append((gpu_us(lambda w: _call(variant, x, w, out, g, cfg), ws, reps=24), cfg))
@@ -75,6 +79,9 @@ def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig], gpu_us, l
     dev, dt = "cuda", torch.bfloat16
     weights = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02 for name, (k, n) in dims.items()}
                for _ in range(layers)]
+    for w in weights:  # the merged gate/up weight as the model stores it: blocks of gate rows, then their up rows
+        b = GATE_UP_BLOCK
+        w["gate_up_il"] = w["gate_up"].view(2, inter // b, b, hidden).transpose(0, 1).reshape(2 * inter, hidden)
     g1, g2 = (1 + 0.1 * torch.randn(hidden, device=dev)).to(dt), (1 + 0.1 * torch.randn(hidden, device=dev)).to(dt)
     attn = torch.randn(1, hidden, device=dev, dtype=dt)
     res0 = torch.randn(1, hidden, device=dev, dtype=dt)
@@ -92,7 +99,7 @@ def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig], gpu_us, l
 
     def fused(w: dict) -> torch.Tensor:  # the residual stream carries on from call to call, as in a model
         fused_gemv(attn, w["o"], residual=res, config=best[("o", "res")])
-        fused_gemv(res, w["gate_up"], norm_weight=g2, eps=1e-5, silu_out=True, out=act,
+        fused_gemv(res, w["gate_up_il"], norm_weight=g2, eps=1e-5, silu_out=True, out=act,
                    config=best[("gate_up", "norm_silu")])
         fused_gemv(act, w["down"], residual=res, config=best[("down", "res")])
         return fused_gemv(res, w["qkv"], norm_weight=g1, eps=1e-5, out=qkv, config=best[("qkv", "norm")])

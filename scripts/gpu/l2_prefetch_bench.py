@@ -97,15 +97,25 @@ def main() -> int:
     def attn(i):
         decode_attention(q, kv[i][0], kv[i][1], table, lens, 0.088, num_kv_splits=32, workspace=work)
 
-    def run(prefetch=None, with_attn=True):
+    from pdserve.kernels.gemv import fused_gemv
+    side = torch.cuda.Stream()
+
+    def run(prefetch=None, with_attn=True, gemv=False, concurrent=False):
         def fn():
             flush.zero_()  # evicts everything from L2 once per replay
+            main = torch.cuda.current_stream()
             for i in range(COPIES):
-                if prefetch is not None:
+                if prefetch is not None and concurrent:  # beside the attention, on idle bandwidth
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        prefetch(ws[i])
+                elif prefetch is not None:
                     prefetch(ws[i])
                 if with_attn:
                     attn(i)
-                torch.nn.functional.linear(x, ws[i])
+                if concurrent:
+                    main.wait_stream(side)
+                fused_gemv(x, ws[i]) if gemv else torch.nn.functional.linear(x, ws[i])
         return fn
 
     flush_us = graph_us(lambda: flush.zero_())
@@ -114,6 +124,12 @@ def main() -> int:
             ("plain-load prefetch, attention, O GEMM", run(lambda w: touch(w, sink))),
             ("O GEMM alone", run(with_attn=False)),
             ("bulk L2 prefetch, O GEMM (no attention)", run(bulk_prefetch, with_attn=False)),
+            ("attention + O GEMV (pdserve)", run(gemv=True)),
+            ("O GEMV alone", run(with_attn=False, gemv=True)),
+            ("bulk L2 prefetch, O GEMV (no attention)", run(bulk_prefetch, with_attn=False, gemv=True)),
+            ("plain-load prefetch, O GEMV (no attention)", run(lambda w: touch(w, sink), with_attn=False, gemv=True)),
+            ("bulk prefetch || attention, O GEMV", run(bulk_prefetch, gemv=True, concurrent=True)),
+            ("plain-load prefetch || attention, O GEMV", run(lambda w: touch(w, sink), gemv=True, concurrent=True)),
             ("attention alone", None)]
     print(f"{torch.cuda.get_device_name()}: us per pair, {COPIES} weight copies cycled, L2 flushed per replay "
           f"(flush {flush_us:.1f} us per pair is included in every row)")

@@ -107,3 +107,15 @@ def test_store_kv_rejects_wrong_slot_count():
     with pytest.raises(ValueError, match="slots"):
         store_kv(buf[:, 0, 0], buf[:, 0, 1], torch.zeros(3, dtype=torch.int64, device=DEVICE),
                  _randn(2, 2, 16), _randn(2, 2, 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_gate_up_blocks(dtype):
+    """Gate and up columns in blocks (MergedColumnParallelLinear's layout): the same result as the
+    halves layout of the same columns."""
+    x = _randn(3, 2 * 1100, dtype=dtype)
+    blocked = x.view(3, 2, 1100 // 4, 4).transpose(1, 2).reshape(3, 2200)  # 4 gate cols, their 4 up cols, ...
+    assert torch.equal(silu_and_mul(blocked, block=4), silu_and_mul(x))
+    assert_close(silu_and_mul(blocked, block=4), silu_and_mul_ref(blocked, 4))
+    with pytest.raises(ValueError, match="block"):
+        silu_and_mul(x, block=3)

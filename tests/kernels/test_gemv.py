@@ -34,16 +34,23 @@ def test_rmsnorm_prologue(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_out_pairs_gate_and_up_columns(dtype):
-    x, w = _randn(1, 72, dtype=dtype), _randn(2 * 44, 72, dtype=dtype, seed=1)  # 44: a partial column block
+@pytest.mark.parametrize("block,n,cfg", [(4, 44, SMALL), (8, 40, GemvConfig(32, 32, 4, 2))])
+def test_silu_out_pairs_gate_and_up_blocks(dtype, block, n, cfg):
+    """w in MergedColumnParallelLinear's layout: blocks of gate rows, each followed by its up rows;
+    the last program holds fewer (gate, up) block pairs than the others."""
+    x, w = _randn(1, 72, dtype=dtype), _randn(2 * n, 72, dtype=dtype, seed=1)
     g = _randn(72, dtype=dtype, seed=2, scale=0.1) + 1
-    out = fused_gemv(x, w, silu_out=True, config=SMALL)
-    assert out.shape == (1, 44)
-    assert_close(out, fused_gemv_ref(x, w, silu_out=True))
+    kw = {"silu_out": True, "gate_up_block": block}
+    out = fused_gemv(x, w, config=cfg, **kw)
+    assert out.shape == (1, n)
+    assert_close(out, fused_gemv_ref(x, w, **kw))
     if dtype == torch.bfloat16:  # no norm: the same roundings as the unfused ops, bit for bit
-        assert torch.equal(out, fused_gemv_ref(x, w, silu_out=True))
-    ref = fused_gemv_ref(x, w, norm_weight=g, silu_out=True).float()  # one bf16 ulp of the largest output
-    torch.testing.assert_close(fused_gemv(x, w, norm_weight=g, silu_out=True, config=SMALL).float(), ref,
+        assert torch.equal(out, fused_gemv_ref(x, w, **kw))
+    halves = w.view(n // block, 2, block, 72).transpose(0, 1).reshape(2 * n, 72)  # gate rows, then up rows
+    plain = fused_gemv_ref(x, halves).float()
+    assert_close(out, (torch.nn.functional.silu(plain[:, :n]) * plain[:, n:]).to(dtype))  # blocks pair as claimed
+    ref = fused_gemv_ref(x, w, norm_weight=g, **kw).float()  # one bf16 ulp of the largest output
+    torch.testing.assert_close(fused_gemv(x, w, norm_weight=g, config=cfg, **kw).float(), ref,
                                atol=ref.abs().max().item() * (2**-7 if dtype == torch.bfloat16 else 1e-6), rtol=0)
 
 
@@ -67,6 +74,7 @@ def test_default_tiling_covers_the_shape():
     ({"x": (2, 8)}, "one row"),
     ({"x": (1, 9)}, "one row"),
     ({"w": (7, 8), "silu_out": True}, "gate | up"),
+    ({"w": (12, 8), "silu_out": True}, "gate_up_block"),
     ({"norm_weight": (9,)}, "norm_weight"),
     ({"bias": (5,)}, "bias"),
     ({"residual": (1, 3)}, "output"),

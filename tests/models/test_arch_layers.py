@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.models.arch import ModelArch
-from pdserve.models.layers import (ColumnParallelLinear, QKVParallelLinear, RotaryEmbedding, RowParallelLinear,
-                                   TPInfo, VocabParallelEmbedding)
+from pdserve.models.layers import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                   RotaryEmbedding, RowParallelLinear, TPInfo, VocabParallelEmbedding, silu_and_mul)
 
 BASE = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 8, "num_key_value_heads": 2}
@@ -119,3 +119,21 @@ def test_gguf_freq_factors_reproduce_llama3_scaling():
     gguf_style = RotaryEmbedding(32, 100, 10000.0, arch.rope_scaling_dict, "cpu")
     torch.testing.assert_close(gguf_style.cos, llama3.cos, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gguf_style.sin, llama3.sin, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inter,tp,block", [(48, 1, 8), (48, 2, 8), (36, 1, 4), (12, 2, 2)])
+def test_gate_up_blocks_per_rank(inter, tp, block):
+    """Each rank keeps its gate and up shards in blocks of ``block`` rows (gcd of the shard and 8),
+    and silu_and_mul over its output equals silu(x gate^T) * (x up^T) for that shard."""
+    gate, up = torch.randn(inter, 16), torch.randn(inter, 16)
+    x = torch.randn(3, 16)
+    for rank in range(tp):
+        layer = MergedColumnParallelLinear(16, [inter, inter], False, TPInfo(rank, tp), torch.float32, "cpu")
+        layer.weight_loader(layer.weight, gate, 0)
+        layer.weight_loader(layer.weight, up, 1)
+        assert layer.block == block
+        shard = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        assert torch.equal(layer.weight[:block], gate[shard][:block])
+        assert torch.equal(layer.weight[block:2 * block], up[shard][:block])
+        expected = F.silu(x @ gate[shard].T) * (x @ up[shard].T)
+        torch.testing.assert_close(silu_and_mul(layer(x), layer.block), expected)
