@@ -73,7 +73,7 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn,
     if SILU_OUT:  # rows come as blocks of GU_BLOCK gate rows then the same GU_BLOCK up rows
         _store_gate_up_blocks(y, y_ptr, N // 2, BLOCK_N, GU_BLOCK)
     else:
-        y = y.to(out_ty)
+        y = y.to(x_ptr.dtype.element_ty)  # the activation dtype's rounding, whatever out holds
         if RESIDUAL:  # residual += y, rounded as transformers' ``residual + hidden_states``
             y = (res + y.to(tl.float32)).to(out_ty)
         tl.store(y_ptr + offs_n, y, mask=mask_n)
@@ -103,7 +103,8 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     ``norm_weight [K]``: RMSNorm of x, its 1/RMS applied to the finished sums. ``silu_out``: w is a
     merged gate/up weight in blocks of ``gate_up_block`` gate rows, then their up rows
     (``MergedColumnParallelLinear``); the output is ``silu(gate) * up``. ``residual [1, N]``: the
-    product is added into it in place, and it is returned."""
+    product is added into it in place, and it is returned. A float32 ``out`` (plain or norm form)
+    takes the product rounded to x's dtype, widened: the LM head's logits without a cast kernel."""
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("w", w, 2, (x.dtype,))
     n, k = w.shape
@@ -126,7 +127,8 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         out = residual
     elif out is None:
         out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
-    check_tensor("residual" if residual is not None else "out", out, 2, (x.dtype,))
+    out_dtypes = (x.dtype,) if residual is not None or silu_out else (x.dtype, torch.float32)
+    check_tensor("residual" if residual is not None else "out", out, 2, out_dtypes)
     require(tuple(out.shape) == (1, n_out), lambda: f"output {tuple(out.shape)} != {(1, n_out)}")
     tensors["out"] = out
     check_same_device(**tensors)

@@ -161,7 +161,8 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> [N, vocab] float32."""
         if self.model.fused_gemv and hidden.shape[0] == 1:
             from pdserve.kernels.gemv import fused_gemv
-            return fused_gemv(hidden, self.lm_head.weight)[:, :self.arch.vocab_size].float()
+            logits = torch.empty(1, self.lm_head.weight.shape[0], dtype=torch.float32, device=hidden.device)
+            return fused_gemv(hidden, self.lm_head.weight, out=logits)[:, :self.arch.vocab_size]
         return self.lm_head.logits(hidden).float()
 
     def enable_fused_gemv(self) -> str | None:

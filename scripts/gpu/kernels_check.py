@@ -175,7 +175,8 @@ def check_elementwise(res: Results, sh: Shapes, dtype, device) -> None:
 
 def check_gemv(res: Results, sh: Shapes, dtype, device) -> None:
     """The fused batch-1 GEMV in each form a layer uses, at the model's shapes, against the unfused
-    ops (the RMSNorm form within a bf16 ulp of the largest output: the normed row is not rounded)."""
+    ops (the RMSNorm forms within 2 bf16 ulps of the largest output: the normed row is not rounded,
+    and silu(gate) * up compounds a gate and an up that may each differ by one)."""
     import torch
     from pdserve.kernels.gemv import fused_gemv, fused_gemv_ref
     h, i = sh.hidden, sh.intermediate
@@ -189,7 +190,10 @@ def check_gemv(res: Results, sh: Shapes, dtype, device) -> None:
     for name, w, kw in (("RMSNorm + QKV-like", w_h, {}), ("RMSNorm + gate/up + SiLU-mul", w_gu, {"silu_out": True})):
         ref = fused_gemv_ref(x, w, norm_weight=g, eps=1e-5, **kw)
         res.check(f"fused_gemv ({name})", fused_gemv(x, w, norm_weight=g, eps=1e-5, **kw), ref,
-                  ref.float().abs().max().item() * 2**-7, 0.0)
+                  ref.float().abs().max().item() * 2**-6, 0.0)
+    logits = torch.empty(1, h, dtype=torch.float32, device=device)
+    res.flag("fused_gemv fp32 out == its 16-bit out, widened",
+             torch.equal(fused_gemv(x, w_h, out=logits), fused_gemv(x, w_h).float()), "exact")
 
 
 def check_rope_store(res: Results, sh: Shapes, dtype, device, cache, rows: int) -> None:

@@ -49,9 +49,9 @@ def test_silu_out_pairs_gate_and_up_blocks(dtype, block, n, cfg):
     halves = w.view(n // block, 2, block, 72).transpose(0, 1).reshape(2 * n, 72)  # gate rows, then up rows
     plain = fused_gemv_ref(x, halves).float()
     assert_close(out, (torch.nn.functional.silu(plain[:, :n]) * plain[:, n:]).to(dtype))  # blocks pair as claimed
-    ref = fused_gemv_ref(x, w, norm_weight=g, **kw).float()  # one bf16 ulp of the largest output
+    ref = fused_gemv_ref(x, w, norm_weight=g, **kw).float()  # 2 bf16 ulps of the largest output
     torch.testing.assert_close(fused_gemv(x, w, norm_weight=g, config=cfg, **kw).float(), ref,
-                               atol=ref.abs().max().item() * (2**-7 if dtype == torch.bfloat16 else 1e-6), rtol=0)
+                               atol=ref.abs().max().item() * (2**-6 if dtype == torch.bfloat16 else 1e-6), rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,6 +62,16 @@ def test_residual_is_updated_in_place(dtype):
     out = fused_gemv(x, w, residual=res, config=SMALL)
     assert out.data_ptr() == res.data_ptr() and not torch.equal(res, before)
     assert_close(res, expected)
+
+
+def test_float32_out_holds_the_rounded_product():
+    """The LM head's form: logits rounded as a bf16 linear rounds them, stored as fp32."""
+    x, w = _randn(1, 72, dtype=torch.bfloat16), _randn(40, 72, dtype=torch.bfloat16, seed=1)
+    out = torch.empty(1, 40, dtype=torch.float32, device=DEVICE)
+    assert fused_gemv(x, w, out=out, config=SMALL) is out
+    assert torch.equal(out, fused_gemv(x, w, config=SMALL).float())
+    with pytest.raises(ValueError, match="residual"):
+        fused_gemv(x, w, residual=out)
 
 
 def test_default_tiling_covers_the_shape():
