@@ -78,8 +78,8 @@ def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, conte
 def check_kernel_flags(cfg: EngineConfig) -> None:
     """Flags the config tree accepts but this engine cannot honour: a clear error, never silence."""
     if cfg.kernel.enable_torch_compile:
-        raise ValueError("--enable-torch-compile is not supported: decode runs under CUDA graphs, is ~87% cuBLAS "
-                         "GEMMs at batch 1 and the rest fused Triton kernels (docs/benchmarks.md); drop the flag")
+        raise ValueError("--enable-torch-compile is not supported: decode runs under CUDA graphs, and at batch 1 "
+                         "is ~91% fused weight GEMVs at 93% of the copy rate (docs/benchmarks.md); drop the flag")
     if cfg.cache.kv_cache_dtype != "auto" and cfg.kernel.attention_backend == "flashinfer":
         raise ValueError(f"--kv-cache-dtype {cfg.cache.kv_cache_dtype} with --attention-backend flashinfer is not "
                          f"supported (its fp8 path is unverified); use --attention-backend triton or auto")
