@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig, KernelConfig
-from pdserve.runtime.attention import TorchAttention, reference_attention
-from pdserve.runtime.forward import SeqChunk, build_forward_batch
 from pdserve.runtime.kv_pool import KVLayout, KVPool, cache_dtype_name, dequantize_kv, quantize_kv
 from pdserve.runtime.model_runner import check_kernel_flags, pool_pages
+from tests.unit.attention_scenario import check_mixed_batch
 
 FP8 = [(torch.float8_e4m3fn, 3), (torch.float8_e5m2, 2)]  # (dtype, mantissa bits)
 
@@ -93,27 +92,9 @@ def test_pool_write_quantizes_with_the_layout_scales(fp8, mantissa_bits):
 def test_torch_attention_over_fp8_pool_matches_reference_on_dequantized_kv(fp8, hq, hkv):
     """The torch backend (CPU path) reads fp8 pages back as ``fp8 * scale``: the same as exact
     attention over the dequantized K/V, mixed prefill/decode batch, odd lengths, partial pages."""
-    torch.manual_seed(0)
-    ps, d = 4, 8
-    pool = KVPool(32, KVLayout(num_layers=2, num_kv_heads=hkv, head_dim=d, page_size=ps, dtype=fp8,
+    pool = KVPool(32, KVLayout(num_layers=2, num_kv_heads=hkv, head_dim=8, page_size=4, dtype=fp8,
                                k_scale=0.7, v_scale=1.3))
-    att = TorchAttention(pool)
-    hist = build_forward_batch([SeqChunk("a", [0] * 6, 0, [3, 7]), SeqChunk("b", [0] * 9, 0, [10, 11, 12]),
-                                SeqChunk("c", [0] * 5, 0, [20, 21])], ps)
-    att.init_batch(hist)
-    t = hist.num_tokens
-    att.forward(1, torch.randn(t, hq, d), torch.randn(t, hkv, d) * 4, torch.randn(t, hkv, d), hist, 0.3)
-    step = build_forward_batch([SeqChunk("a", [1], 6, [3, 7]), SeqChunk("c", [1, 2, 3], 5, [20, 21]),
-                                SeqChunk("b", [1], 9, [10, 11, 12])], ps)
-    n = step.num_tokens
-    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-    att.init_batch(step)
-    out = att.forward(1, q, k, v, step, 0.3)
-    for seq, q0 in zip(step.seqs, step.q_starts):
-        loc = torch.tensor([seq.page_ids[i // ps] * ps + i % ps for i in range(seq.kv_len)])  # whole context
-        keys, values = pool.gather(1, loc, torch.float32)
-        ref = reference_attention(q[q0:q0 + seq.num_new_tokens], keys, values, seq.start_pos, 0.3)
-        torch.testing.assert_close(out[q0:q0 + seq.num_new_tokens], ref, atol=1e-5, rtol=1e-5)
+    check_mixed_batch(pool, hq, k_history_gain=4.0)
 
 
 def test_mem_fraction_gives_twice_the_tokens_with_fp8():
