@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.kernels.decode_attention import DecodeWorkspace, decode_attention
+from pdserve.kernels.decode_attention import DecodeRope, DecodeWorkspace, decode_attention
 from pdserve.kernels.extend_attention import extend_attention
 from pdserve.kernels.kv_store import store_kv
 from pdserve.kernels.rope_store import rope_store_kv
@@ -127,11 +127,17 @@ class TritonAttention:
                 batch: ForwardBatch, scale: float,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v at ``batch.out_loc``.
-        ``rope`` = (positions ``[T]``, cos/sin cache): q and k are not rotated yet; rotate them
-        in place (``rope_store_kv``)."""
+        ``rope`` = (positions ``[T]``, cos/sin cache): q and k are not rotated yet; a decode step
+        rotates and stores inside the attention kernel (``DecodeRope``), a prefill or mixed step
+        rotates them in place first (``rope_store_kv``)."""
         meta: TritonBatchMeta = batch.extras["triton"]
         k_pages, v_pages = self.pool.k(layer), self.pool.v(layer)
         k_scale, v_scale = self.pool.scales(layer)
+        if meta.is_decode and rope is not None:  # rotary + store inside the split kernel: one launch fewer
+            return decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens, scale,
+                                    k_scale=k_scale, v_scale=v_scale, num_kv_splits=self.splits_for(q.shape[0]),
+                                    reduce_in_fp32=self.reduce_in_fp32, workspace=self._workspace(q),
+                                    rope=DecodeRope(k, v, rope[0], rope[1], batch.out_loc))
         if rope is None:
             store_kv(k_pages, v_pages, batch.out_loc, k, v, k_scale, v_scale)
         else:

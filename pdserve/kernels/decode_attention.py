@@ -36,30 +36,33 @@ import triton.language as tl
 from pdserve.kernels._common import (FLOAT_DTYPES, FP8_DTYPES, INTERPRET, check_same_device, check_tensor,
                                      dot_precision, kv_page_dtypes, next_pow2, require)
 from pdserve.kernels.attention_common import LOG2E, attend_block, load_paged
+from pdserve.kernels.kv_store import check_store_args, to_page
+from pdserve.kernels.rotary import check_rotary_args, load_rotated_rows
+
+
+@triton.jit
+def _split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(context length, first key, end) of split ``split`` of sequence ``b``: equal pieces rounded
+    up to whole key blocks; end <= first for an empty split."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * split_len
+    return seq_len, start, tl.minimum(start + split_len, seq_len)
 
 
 @triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, b, kv_head, split, qk_scale, v_scale,
-    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    q, k_ptr, v_ptr, page_table_ptr, b, kv_head, start, end, qk_scale, v_scale,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
+    BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, F16_DOT: tl.constexpr,
 ):
-    """Split ``split`` of sequence ``b`` for the GROUP q heads of ``kv_head`` -> (output ``[BLOCK_H,
-    BLOCK_D]`` fp32, normalised and times v_scale; base-2 LSE ``[BLOCK_H]``, -inf with no keys)."""
-    seq_len = tl.load(seq_lens_ptr + b)
-    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
-    split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # whole key blocks
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)  # end <= start: empty split, loop runs 0 times
-
-    offs_h = tl.arange(0, BLOCK_H)
+    """Keys ``[start, end)`` of sequence ``b`` for the q heads ``q [BLOCK_H, BLOCK_D]`` of ``kv_head``
+    -> (output ``[BLOCK_H, BLOCK_D]`` fp32, normalised and times v_scale; base-2 LSE ``[BLOCK_H]``,
+    -inf with no keys)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_h  # [BLOCK_H] q heads of this kv head
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_h < GROUP)[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
     logit_scale = qk_scale
     if F16_DOT:  # fp8 pages: fp16 products, the logit scale applied to q once
         q = tl.minimum(tl.maximum(q.to(tl.float32) * qk_scale, -65504.0), 65504.0).to(tl.float16)
@@ -129,21 +132,63 @@ def _merge_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, head, stride_mob, stride_moh
 
 
 @triton.jit
+def _store_new_kv(k_new_ptr, v_new_ptr, k_ptr, v_ptr, loc_ptr, cache_ptr, b, kv_head, pos, offs_d,
+                  k_inv_scale, v_inv_scale, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cache,
+                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAGE_SIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """The step's token of sequence ``b``: its ``kv_head`` key rotated, key and value written into
+    slot ``loc[b]`` (skipped when negative), as ``rope_store_kv`` writes them."""
+    slot = tl.load(loc_ptr + b).to(tl.int64)
+    page, offset = slot // PAGE_SIZE, slot % PAGE_SIZE
+    one = tl.arange(0, 1)
+    row = (one >= 0) & (slot >= 0)
+    k = load_rotated_rows(k_new_ptr + b * stride_knb + kv_head * stride_knh + one[:, None], offs_d, row, pos,
+                          cache_ptr, stride_cache, HEAD_DIM, HALF, k_new_ptr.dtype.element_ty)
+    mask = row[:, None] & (offs_d < HEAD_DIM)[None, :]
+    v = tl.load(v_new_ptr + b * stride_vnb + kv_head * stride_vnh + one[:, None] + offs_d[None, :], mask=mask)
+    k_dst = k_ptr + page * stride_kp + offset * stride_ks + kv_head * stride_kh + one[:, None] + offs_d[None, :]
+    v_dst = v_ptr + page * stride_vp + offset * stride_vs + kv_head * stride_vh + one[:, None] + offs_d[None, :]
+    tl.store(k_dst, to_page(k, k_inv_scale, FP8_MAX, k_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, to_page(v, v_inv_scale, FP8_MAX, v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, qk_scale, v_scale,
+    k_new_ptr, v_new_ptr, pos_ptr, cache_ptr, loc_ptr, k_inv_scale, v_inv_scale,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ptb, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cache,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     """Program (seq, kv head, split) writes its partial for _decode_reduce_kernel, or with one split
-    the normalised output itself."""
+    the normalised output itself. ``ROPE``: q arrives unrotated and the step's key/value are not in
+    the pool yet; the program rotates its q heads, and the one whose split holds the new token
+    rotates its key and stores it and the value first (``rope_store_kv``'s work, no launch of its own)."""
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len, start, end = _split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = q_ptr + b * stride_qb + (kv_head * GROUP + offs_h)[:, None] * stride_qh  # [BLOCK_H, 1]
+    if ROPE:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        q = load_rotated_rows(q_rows, offs_d, offs_h < GROUP, pos, cache_ptr, stride_cache, HEAD_DIM, HALF,
+                              q_ptr.dtype.element_ty).to(q_ptr.dtype.element_ty)
+        if (seq_len - 1 >= start) & (seq_len - 1 < end):  # this split reads the new token: store it first
+            _store_new_kv(k_new_ptr, v_new_ptr, k_ptr, v_ptr, loc_ptr, cache_ptr, b, kv_head, pos, offs_d,
+                          k_inv_scale, v_inv_scale, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cache,
+                          stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                          HEAD_DIM, HALF, PAGE_SIZE, FP8_MAX)
+            tl.debug_barrier()  # the whole program sees the stored token before reading its pages
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=(offs_h < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                    other=0.0)  # [BLOCK_H, BLOCK_D]
     out, lse = _attend_split(
-        q_ptr, k_ptr, v_ptr, page_table_ptr, seq_lens_ptr, b, kv_head, split, qk_scale, v_scale,
-        stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
-        GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, NUM_SPLITS, PRECISION, F16_DOT)
+        q, k_ptr, v_ptr, page_table_ptr, b, kv_head, start, end, qk_scale, v_scale,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
+        BLOCK_H, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, PRECISION, F16_DOT)
     if NUM_SPLITS == 1:
         _store_out(out_ptr, out, b, kv_head, stride_ob, stride_oh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D)
     else:
@@ -200,18 +245,36 @@ def _check_decode_args(q, k_pages, v_pages, page_table, seq_lens) -> None:
     require(d >= 16, lambda: f"head_dim {d} < 16 is not supported (tl.dot minimum)")
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """The step's token not yet rotated nor stored: ``decode_attention`` does ``rope_store_kv``'s
+    work in its split kernel. k/v ``[B, Hkv, D]`` (strided views of the qkv output are fine),
+    positions ``[B]``, the cos/sin cache, and ``loc [B]`` the slots to write (-1: skip)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    loc: torch.Tensor
+
+
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, *, k_scale: float = 1.0, v_scale: float = 1.0,
                      num_kv_splits: int = 8, reduce_in_fp32: bool = False, out: torch.Tensor | None = None,
-                     workspace: DecodeWorkspace | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     workspace: DecodeWorkspace | None = None, rope: DecodeRope | None = None,
+                     block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """q ``[B, Hq, D]`` -> ``[B, Hq, D]``: attention over ``seq_lens[b]`` tokens of ``page_table[b]``.
 
     page_table ``[>=B, W]`` int32 (page ids, row b covers ceil(seq_lens[b] / page_size) pages);
-    seq_lens ``[>=B]`` int32 (context length including the new token, already stored).
+    seq_lens ``[>=B]`` int32 (context length including the new token, already stored; with
+    ``rope``, stored by this call, and q not rotated yet: q itself is left as it is).
     Pages in q's dtype, or fp8 holding ``K / k_scale`` and ``V / v_scale``.
     """
     _check_decode_args(q, k_pages, v_pages, page_table, seq_lens)
+    fp8_max = 0.0
+    if rope is not None:
+        check_rotary_args(q, rope.k, rope.positions, rope.cos_sin_cache)
+        fp8_max = check_store_args(k_pages, v_pages, rope.loc, rope.k, rope.v, k_scale, v_scale)
     require(num_kv_splits >= 1, lambda: f"num_kv_splits must be >= 1, got {num_kv_splits}")
     require(k_scale > 0 and v_scale > 0, lambda: f"k_scale {k_scale} / v_scale {v_scale} must be positive")
     b, hq, d = q.shape
@@ -227,25 +290,32 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     block_n = block_n or 64  # 4 pages of 16 per iteration: 32 KiB of K+V in flight per program (bf16, D=128)
     require(INTERPRET or block_n >= 16, lambda: f"block_n {block_n} < 16 (tl.dot minimum on GPU)")
     _launch(q, k_pages, v_pages, page_table, seq_lens, scale * k_scale * LOG2E, v_scale, out, workspace,
-            num_kv_splits, block_n, num_warps or 4, num_stages or 2)
+            num_kv_splits, block_n, num_warps or 4, num_stages or 2, rope, (1.0 / k_scale, 1.0 / v_scale, fp8_max))
     return out
 
 
 def _launch(q, k_pages, v_pages, page_table, seq_lens, qk_scale: float, v_scale: float, out, ws: DecodeWorkspace,
-            num_kv_splits: int, block_n: int, num_warps: int, num_stages: int) -> None:
+            num_kv_splits: int, block_n: int, num_warps: int, num_stages: int, rope: DecodeRope | None,
+            store: tuple[float, float, float]) -> None:
     """The split kernel, then (several splits) the reduce kernel."""
     (b, hq, d), hkv = q.shape, k_pages.shape[2]
     mid_o, mid_lse = ws.mid_o, ws.mid_lse
     group = hq // hkv
+    r = rope or DecodeRope(q, q, seq_lens, q[0], seq_lens)  # placeholders, never read without ROPE
     _decode_split_kernel[(b, hkv, num_kv_splits)](
         q, k_pages, v_pages, page_table, seq_lens, mid_o, mid_lse, out, qk_scale, v_scale,
+        r.k, r.v, r.positions, r.cos_sin_cache, r.loc, store[0], store[1],
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), r.k.stride(0), r.k.stride(1), r.v.stride(0), r.v.stride(1),
+        r.cos_sin_cache.stride(0),
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE_SIZE=k_pages.shape[1],
         BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, PRECISION=dot_precision(q.dtype),
-        F16_DOT=k_pages.dtype in FP8_DTYPES and q.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages,
+        F16_DOT=k_pages.dtype in FP8_DTYPES and q.dtype != torch.float32, ROPE=rope is not None,
+        HALF=r.cos_sin_cache.shape[-1] // 2 if rope is not None else 1, FP8_MAX=store[2],
+        num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=rope is None,  # rotary.py's roundings: no FMA contraction (as rope_store_kv)
     )
     if num_kv_splits == 1:  # normalised into out by the split kernel
         return
@@ -259,9 +329,15 @@ def _launch(q, k_pages, v_pages, page_table, seq_lens, qk_scale: float, v_scale:
 
 def decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
-                         v_scale: float = 1.0) -> torch.Tensor:
+                         v_scale: float = 1.0, rope: DecodeRope | None = None) -> torch.Tensor:
     """Plain torch, fp32 math, one sequence at a time. Same arguments as ``decode_attention``;
-    pages are dequantized (``page.float() * scale``) before the math."""
+    pages are dequantized (``page.float() * scale``) before the math. ``rope``: the reference
+    rotary + store first (on copies of q and k; the pages are written, as the kernel writes them)."""
+    if rope is not None:
+        from pdserve.kernels.rope_store import rope_store_kv_ref
+        q = q.clone()
+        rope_store_kv_ref(q, rope.k.clone(), rope.v, rope.positions, rope.cos_sin_cache, k_pages, v_pages, rope.loc,
+                          k_scale, v_scale)
     b, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)

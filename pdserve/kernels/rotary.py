@@ -68,6 +68,34 @@ def rotate_pair(x1, x2, cos, sin, dtype: tl.constexpr):
 
 
 @triton.jit
+def rotate_rows(x, partner, cos, sin, offs_d, HALF: tl.constexpr, dtype: tl.constexpr):
+    """Whole rows ``[R, BLOCK_D]`` (fp32 holding ``dtype`` values) and their rotate-half partners
+    (``x[d + HALF]`` below HALF, ``x[d - HALF]`` above) -> the rotated rows, rounded op by op as
+    ``rotate_pair``; dims from ``2 * HALF`` on (partial rotary) pass through. ``cos``/``sin``
+    ``[1, BLOCK_D]`` hold the cache's entry ``d % HALF`` at dim d."""
+    a = _round(x * _round(cos, dtype), dtype)
+    b = _round(partner * _round(sin, dtype), dtype)
+    rot = _round(tl.where((offs_d < HALF)[None, :], a - b, a + b), dtype)
+    return tl.where((offs_d < 2 * HALF)[None, :], rot, x)
+
+
+@triton.jit
+def load_rotated_rows(rows_ptr, offs_d, mask_rows, pos, cache_ptr, stride_cache, HEAD_DIM: tl.constexpr,
+                      HALF: tl.constexpr, dtype: tl.constexpr):
+    """Rows at ``rows_ptr`` ``[R, 1]`` (pointers to each row's first dim) of a token at position
+    ``pos``, rotated -> ``[R, BLOCK_D]`` fp32 holding ``dtype`` values (``rotate_rows``)."""
+    mask = mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(rows_ptr + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rotated = offs_d < 2 * HALF
+    partner_d = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+    partner = tl.load(rows_ptr + partner_d[None, :], mask=mask & rotated[None, :], other=0.0).to(tl.float32)
+    cs = cache_ptr + pos * stride_cache + offs_d % HALF
+    cos = tl.load(cs, mask=rotated, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + HALF, mask=rotated, other=0.0).to(tl.float32)[None, :]
+    return rotate_rows(x, partner, cos, sin, offs_d, HALF, dtype)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,

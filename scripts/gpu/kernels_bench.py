@@ -78,6 +78,32 @@ class DecodeBench:
                                  num_kv_splits=num_kv_splits, out=self.out[c], workspace=ws, **kw)
         return run, len(chunks)
 
+    def fn_rope(self, batch: int, num_kv_splits: int, fused: bool):
+        """Decode with the step's rotary + K/V store: inside the split kernel (``DecodeRope``), or
+        ``rope_store_kv`` then decode attention (the path before), per chunk of the pool."""
+        from pdserve.kernels.decode_attention import DecodeRope, DecodeWorkspace, decode_attention
+        from pdserve.kernels.rope_store import rope_store_kv
+        from pdserve.kernels.rotary import build_cos_sin_cache, rope_inv_freq
+        sh, dev = self.sh, self.q.device
+        ws = DecodeWorkspace.allocate(batch, sh.num_q_heads, sh.head_dim, num_kv_splits, torch.bfloat16, dev)
+        cache = build_cos_sin_cache(rope_inv_freq(sh.head_dim, 500000.0), self.ctx, dev)
+        chunks = [slice(i, i + batch) for i in range(0, self.max_batch - batch + 1, batch)]
+        kv = torch.randn(self.max_batch, 2, sh.num_kv_heads, sh.head_dim, device=dev).to(torch.bfloat16)
+        last = self.ctx - 1
+        loc = (self.table[:, last // sh.page_size].long() * sh.page_size + last % sh.page_size)
+        pos = torch.full((self.max_batch,), last, dtype=torch.int64, device=dev)
+        args = [(self.q[c], kv[c, 0], kv[c, 1], pos[c].clone(), loc[c].clone(), self.table[c], self.seq_lens[c].clone())
+                for c in chunks]
+
+        def run():
+            for c, (q, k, v, p, slots, table, lens) in zip(chunks, args):
+                rope = DecodeRope(k, v, p, cache, slots) if fused else None
+                if not fused:
+                    rope_store_kv(q, k, v, p, cache, self.kp, self.vp, slots)
+                decode_attention(q, self.kp, self.vp, table, lens, sh.head_dim ** -0.5, num_kv_splits=num_kv_splits,
+                                 out=self.out[c], workspace=ws, rope=rope)
+        return run, len(chunks)
+
     def measure(self, batch: int, num_kv_splits: int, **kw) -> tuple[float, float]:
         """-> (us per decode call, GB/s of K/V + q + out traffic)."""
         run, calls = self.fn(batch, num_kv_splits, **kw)
@@ -114,6 +140,14 @@ def bench_decode(res: Results, sh: Shapes, device) -> None:
     if after is not None:
         res.flag("decode: no recompile across batch sizes (one variant per split count)", after <= before + 3,
                  f"{after} variant(s)")
+    print("  with the step's rotary + K/V store, us/layer (rope_store_kv + decode -> decode with DecodeRope):")
+    for b in sh.bench_batches:
+        splits = kv_splits_for(b, sh.num_kv_heads, 32, sms)
+        times = []
+        for fused in (False, True):
+            run, calls = bench.fn_rope(b, splits, fused)
+            times.append(gpu_time_us(run, reps=2 if calls > 16 else 8) / calls)
+        print(f"  {b:>5} {splits:>6} {times[0]:>10.1f} -> {times[1]:.1f}", flush=True)
     print("  sweep (batch: splits/block_n/warps/stages -> us, GB/s):")
     sweeps = {sh.bench_batches[0]: [(8, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 2, 2),
                                     (32, 64, 4, 3), (32, 128, 4, 2)],

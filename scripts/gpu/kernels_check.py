@@ -221,6 +221,38 @@ def check_rope_store(res: Results, sh: Shapes, dtype, device, cache, rows: int) 
              torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), "exact")
 
 
+def check_decode_rope(res: Results, sh: Shapes, dtype, device) -> None:
+    """Decode attention with rotary + K/V store inside (``DecodeRope``) against ``rope_store_kv``
+    then decode attention: the pages bit for bit, the output within tolerance (the fused variant
+    is compiled without FMA contraction, as the rotary kernels are)."""
+    import torch
+    from pdserve.kernels.decode_attention import DecodeRope, decode_attention
+    from pdserve.kernels.rope_store import rope_store_kv
+    from pdserve.kernels.rotary import build_cos_sin_cache, rope_inv_freq
+    hq, hkv, lens = sh.num_q_heads, sh.num_kv_heads, list(sh.decode_lens[:4]) + [0]
+    num_pages = sum(-(-n // sh.page_size) for n in lens) + 8
+    table = _page_table(lens, sh.page_size, num_pages, device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    loc = torch.tensor([int(table[i, (n - 1) // sh.page_size]) * sh.page_size + (n - 1) % sh.page_size if n else -1
+                        for i, n in enumerate(lens)], device=device)
+    pos = (seq_lens.long() - 1).clamp(min=0)
+    cache = build_cos_sin_cache(rope_inv_freq(sh.head_dim, 500000.0), max(lens), device)
+    qkv = torch.randn(len(lens), hq + 2 * hkv, sh.head_dim, device=device).to(dtype)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(13)  # the same starting pool for both
+        buf, kp, vp = _pool_views(num_pages, hkv, sh, dtype, device)
+        x = qkv.clone()
+        q, k, v = x[:, :hq], x[:, hq:hq + hkv], x[:, hq + hkv:]
+        if not fused:
+            rope_store_kv(q, k, v, pos, cache, kp, vp, loc)
+        out = decode_attention(q, kp, vp, table, seq_lens, sh.head_dim ** -0.5, num_kv_splits=8,
+                               rope=DecodeRope(k, v, pos, cache, loc) if fused else None)
+        results.append((out, buf))
+    res.flag("decode with DecodeRope: pages == rope_store_kv's", torch.equal(results[0][1], results[1][1]), "exact")
+    res.check("decode with DecodeRope vs rope_store_kv + decode", results[0][0], results[1][0], *_tol(dtype))
+
+
 def check_backends(res: Results, sh: Shapes, dtype, device) -> None:
     import torch
     from pdserve.runtime.attention import TorchAttention, make_attention_backend
@@ -279,6 +311,7 @@ def run_checks(res: Results, sh: Shapes, device) -> None:
               sh.extend_new[:3], torch.float32, device)
     res.guard("elementwise", check_elementwise, res, sh, bf16, device)
     res.guard("gemv", check_gemv, res, sh, bf16, device)
+    res.guard("decode rope", check_decode_rope, res, sh, bf16, device)
     res.guard("backends", check_backends, res, sh, bf16, device)
 
 

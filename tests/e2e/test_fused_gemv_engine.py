@@ -70,3 +70,24 @@ def test_fused_gemv_refuses_int8_and_honours_the_flag(tmp_path):
     runner.model.quantize_("w8a8_int8")
     assert runner.model.enable_fused_gemv() == "int8 weights" and not runner.model.model.fused_gemv
     assert engine_config(model_path="x", disable_fused_gemv=True).kernel.disable_fused_gemv
+
+
+def test_triton_rotary_paths_match_the_torch_rotation(tmp_path, monkeypatch):
+    """With the cos/sin cache the GPU builds, a Qwen3 model (q/k norm: the path that hands rotary to
+    the attention backend) rotates in ``rope_store_kv`` for the prefill and inside decode attention
+    for each decode step (``DecodeRope``); tokens and logprobs equal the torch rotation's."""
+    import torch
+
+    runner = _runner(tmp_path, "qwen3")
+    expected_ids, expected_lp = _generate(runner)
+    import pdserve.kernels.backend as backend
+
+    fused = []
+    real = backend.decode_attention
+    monkeypatch.setattr(backend, "decode_attention", lambda *a, **k: fused.append(k.get("rope")) or real(*a, **k))
+    rotary = runner.model.model.rotary_emb
+    rotary.cos_sin = torch.cat([rotary.cos, rotary.sin], dim=-1).contiguous()
+    got_ids, got_lp = _generate(runner)
+    assert len(fused) == 5 * 2 and all(r is not None for r in fused)  # 5 decode steps x 2 layers
+    assert got_ids == expected_ids
+    assert got_lp == pytest.approx(expected_lp, abs=1e-4)

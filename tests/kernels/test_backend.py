@@ -66,6 +66,30 @@ def test_fused_rope_store_matches_rotate_then_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_batch_with_rope_rotates_and_stores_inside_attention(dtype):
+    """A decode step handed ``rope``: the split kernel rotates q and k and stores k/v itself (q and
+    k are left unrotated), the output and pool equal the reference given rotated q/k."""
+    seqs = [SeqChunk(f"r{i}", [7], n, pages) for i, (n, pages) in
+            enumerate([(0, [0]), (6, [9, 11]), (15, [12, 13, 14, 15]), (3, [39])])]
+    torch_pool, triton_pool = _pools(dtype)
+    ref, tri = TorchAttention(torch_pool), TritonAttention(triton_pool, num_kv_splits=2)
+    batch = build_forward_batch(seqs, PAGE_SIZE, DEVICE)
+    ref.init_batch(batch)
+    tri.init_batch(batch)
+    g = torch.Generator().manual_seed(5)
+    rope = (batch.positions, build_cos_sin_cache(rope_inv_freq(D, 10000.0), 64, DEVICE))
+    for layer in (0, 1):
+        q, k, v = (torch.randn(4, h, D, generator=g).to(dtype).to(DEVICE) for h in (HQ, HKV, HKV))
+        q0, k0 = q.clone(), k.clone()
+        out = tri.forward(layer, q, k, v, batch, 0.2, rope=rope)
+        assert torch.equal(q, q0) and torch.equal(k, k0)
+        rq, rk = apply_rotary_ref(q, k, *rope)
+        assert_close(out, ref.forward(layer, rq, rk, v, batch, 0.2))
+    assert batch.extras["triton"].is_decode
+    assert torch.equal(triton_pool.buffer, torch_pool.buffer)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_batch_matches_torch(dtype):
     seqs = [SeqChunk(f"r{i}", [7], n, pages) for i, (n, pages) in
             enumerate([(0, [0]), (6, [9, 11]), (15, [12, 13, 14, 15]), (3, [39])])]
