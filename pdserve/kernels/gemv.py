@@ -107,33 +107,9 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     (``MergedColumnParallelLinear``); the output is ``silu(gate) * up``. ``residual [1, N]``: the
     product is added into it in place, and it is returned. A float32 ``out`` (plain or norm form)
     takes the product rounded to x's dtype, widened: the LM head's logits without a cast kernel."""
-    check_tensor("x", x, 2, FLOAT_DTYPES)
-    check_tensor("w", w, 2, (x.dtype,))
     n, k = w.shape
-    require(x.shape == (1, k), lambda: f"fused_gemv takes one row x [1, {k}] for w {tuple(w.shape)}, "
-            f"got {tuple(x.shape)}")
-    require(not silu_out or n % 2 == 0, lambda: f"silu_out: w has {n} rows, not gate | up halves")
-    require(bias is None or not silu_out, "fused_gemv: bias with silu_out is not supported")
     n_out = n // 2 if silu_out else n
-    tensors = {"x": x, "w": w}
-    if norm_weight is not None:
-        check_tensor("norm_weight", norm_weight, 1, (x.dtype,))
-        require(norm_weight.shape[0] == k, lambda: f"norm_weight has {norm_weight.shape[0]} entries, K is {k}")
-        tensors["norm_weight"] = norm_weight
-    if bias is not None:
-        check_tensor("bias", bias, 1, (x.dtype,))
-        require(bias.shape[0] == n, lambda: f"bias has {bias.shape[0]} entries, w has {n} rows")
-        tensors["bias"] = bias
-    if residual is not None:
-        require(out is None, "fused_gemv: residual is the output; pass one of residual and out")
-        out = residual
-    elif out is None:
-        out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
-    out_dtypes = (x.dtype,) if residual is not None or silu_out else (x.dtype, torch.float32)
-    check_tensor("residual" if residual is not None else "out", out, 2, out_dtypes)
-    require(tuple(out.shape) == (1, n_out), lambda: f"output {tuple(out.shape)} != {(1, n_out)}")
-    tensors["out"] = out
-    check_same_device(**tensors)
+    out = _check_gemv_args(x, w, bias, norm_weight, silu_out, residual, out)
     cfg = config or pick_config(n_out, k, silu_out)
     require(not silu_out or (gate_up_block >= 1 and n_out % gate_up_block == 0
                              and cfg.block_n % (2 * gate_up_block) == 0),
@@ -143,6 +119,34 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         w.stride(0), NORM=norm_weight is not None, BIAS=bias is not None, SILU_OUT=silu_out,
         RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GU_BLOCK=gate_up_block,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _check_gemv_args(x, w, bias, norm_weight, silu_out: bool, residual, out) -> torch.Tensor:
+    """Shapes, dtypes, devices; -> the output tensor (``residual``, ``out`` or a new one)."""
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("w", w, 2, (x.dtype,))
+    n, k = w.shape
+    require(x.shape == (1, k), lambda: f"fused_gemv takes one row x [1, {k}] for w {tuple(w.shape)}, "
+            f"got {tuple(x.shape)}")
+    require(not silu_out or n % 2 == 0, lambda: f"silu_out: w has {n} rows, not gate | up halves")
+    require(bias is None or not silu_out, "fused_gemv: bias with silu_out is not supported")
+    n_out = n // 2 if silu_out else n
+    tensors = {"x": x, "w": w}
+    for name, t, size in (("norm_weight", norm_weight, k), ("bias", bias, n)):
+        if t is not None:
+            check_tensor(name, t, 1, (x.dtype,))
+            require(t.shape[0] == size, lambda: f"{name} has {t.shape[0]} entries, expected {size}")
+            tensors[name] = t
+    if residual is not None:
+        require(out is None, "fused_gemv: residual is the output; pass one of residual and out")
+        out = residual
+    elif out is None:
+        out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    out_dtypes = (x.dtype,) if residual is not None or silu_out else (x.dtype, torch.float32)
+    check_tensor("residual" if residual is not None else "out", out, 2, out_dtypes)
+    require(tuple(out.shape) == (1, n_out), lambda: f"output {tuple(out.shape)} != {(1, n_out)}")
+    check_same_device(out=out, **tensors)
     return out
 
 

@@ -7,6 +7,9 @@ Roundings are rotary.py's (those of transformers' ops), fp8 pages get kv_store.p
 so the result equals ``apply_rotary`` followed by ``store_kv`` bit for bit. Dims past the rotary
 dim (partial rotary) are stored unrotated.
 
+Prefill and mixed steps run this; decode steps do the same inside decode attention
+(``decode_attention(..., rope=DecodeRope(...))``, no launch at all).
+
 Why: at batch 1 a decode step is ~350 kernels in a CUDA graph, and each costs a ramp and a tail
 beside its own work (H200, Llama-3.1-8B: rotary 1.9 us and store 1.3 us per layer, mostly
 fixed cost); eager prefill is host-bound on launches, and this removes one per layer there too.
