@@ -72,6 +72,18 @@ def test_fused_gemv_refuses_int8_and_honours_the_flag(tmp_path):
     assert engine_config(model_path="x", disable_fused_gemv=True).kernel.disable_fused_gemv
 
 
+def test_fused_gemv_refuses_tensor_parallel():
+    """Under TP the O and down outputs are partial sums: the residual add must follow the all-reduce."""
+    import torch
+
+    from pdserve.models.arch import ModelArch
+    from pdserve.models.llama import LlamaForCausalLM
+
+    arch = ModelArch.from_hf_config({**BASE, "architectures": ["LlamaForCausalLM"]})
+    model = LlamaForCausalLM(arch, torch.float32, "cpu", tp_rank=0, tp_size=2)
+    assert model.enable_fused_gemv().startswith("tensor parallel") and not model.model.fused_gemv
+
+
 def test_triton_rotary_paths_match_the_torch_rotation(tmp_path, monkeypatch):
     """With the cos/sin cache the GPU builds, a Qwen3 model (q/k norm: the path that hands rotary to
     the attention backend) rotates in ``rope_store_kv`` for the prefill and inside decode attention
