@@ -33,9 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, next_pow2, require
-
-MAX_ROWS = 8  # steps of up to this many tokens take the fused GEMVs (LlamaModel.forward)
+from pdserve.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, require
 
 
 @dataclass(frozen=True)
@@ -47,12 +45,18 @@ class GemvConfig:
 
 
 @triton.jit
-def _one_row(x_ptr, g_ptr, w_rows, mask_n, K, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Batch 1: -> (sums ``[1, BLOCK_N]``, the row's sum of squares ``[1]``). x is loaded as a
-    ``[1, BLOCK_K]`` row, the weight tile's layout: no conversion per step."""
-    one = tl.arange(0, 1)
+def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_wn,
+                 NORM: tl.constexpr, BIAS: tl.constexpr, SILU_OUT: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GU_BLOCK: tl.constexpr):
+    out_ty = y_ptr.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    one = tl.arange(0, 1)  # x as a [1, BLOCK_K] row: the weight tile's layout, no conversion per step
+    if RESIDUAL:  # issued first: its latency hides behind the weight stream
+        res = tl.load(y_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     ss = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < K
@@ -62,101 +66,59 @@ def _one_row(x_ptr, g_ptr, w_rows, mask_n, K, NORM: tl.constexpr, BLOCK_N: tl.co
             x = x * tl.load(g_ptr + one[:, None] + kk[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         mask = mask_n[:, None] & mask_k[None, :]
         acc += tl.load(w_rows + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
-    return tl.sum(acc, 1)[None, :], tl.sum(ss, 1)
-
-
-@triton.jit
-def _rows(x_ptr, g_ptr, w_rows, mask_n, offs_m, mask_m, stride_xm, K, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Up to ``BLOCK_M`` rows sharing each weight tile: -> (sums ``[BLOCK_M, BLOCK_N]``, sums of
-    squares ``[BLOCK_M]``); fp32 products in a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` accumulator."""
-    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)                                          # [BM, BK]
-        if NORM:
-            ss += x * x
-            x = x * tl.load(g_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += w[None, :, :] * x[:, None, :]
-    return tl.sum(acc, 2), tl.sum(ss, 1)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, M, N, K, eps, stride_xm, stride_ym, stride_wn,
-                 NORM: tl.constexpr, BIAS: tl.constexpr, SILU_OUT: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GU_BLOCK: tl.constexpr):
-    out_ty = y_ptr.dtype.element_ty
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    out_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if RESIDUAL:  # issued first: its latency hides behind the weight stream
-        res = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    w_rows = w_ptr + offs_n[:, None] * stride_wn
-    if BLOCK_M == 1:
-        y, ss = _one_row(x_ptr, g_ptr, w_rows, mask_n, K, NORM, BLOCK_N, BLOCK_K)
-    else:
-        y, ss = _rows(x_ptr, g_ptr, w_rows, mask_n, offs_m, mask_m, stride_xm, K, NORM, BLOCK_M, BLOCK_N, BLOCK_K)
+    y = tl.sum(acc, 1)
     if NORM:
-        y = y * (1.0 / tl.sqrt(ss / K + eps))[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(ss, 1), 0) / K + eps)
+        y = y * rstd
     if BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if SILU_OUT:  # rows come as blocks of GU_BLOCK gate rows then the same GU_BLOCK up rows
-        _store_gate_up_blocks(y, y_ptr, offs_m, mask_m, stride_ym, N // 2, BLOCK_M, BLOCK_N, GU_BLOCK)
+        _store_gate_up_blocks(y, y_ptr, N // 2, BLOCK_N, GU_BLOCK)
     else:
         y = y.to(x_ptr.dtype.element_ty)  # the activation dtype's rounding, whatever out holds
         if RESIDUAL:  # residual += y, rounded as transformers' ``residual + hidden_states``
             y = (res + y.to(tl.float32)).to(out_ty)
-        tl.store(out_ptrs, y, mask=out_mask)
+        tl.store(y_ptr + offs_n, y, mask=mask_n)
 
 
 @triton.jit
-def _store_gate_up_blocks(y, y_ptr, offs_m, mask_m, stride_ym, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          GU_BLOCK: tl.constexpr):
-    """``y`` [BLOCK_M, BLOCK_N] fp32 sums over (gate block, up block) pairs -> silu(gate) * up at
-    their columns, rounded as the unfused GEMM output, transformers' ``silu(gate)``, then the product."""
+def _store_gate_up_blocks(y, y_ptr, n_out, BLOCK_N: tl.constexpr, GU_BLOCK: tl.constexpr):
+    """``y`` [BLOCK_N] fp32 sums over (gate block, up block) pairs -> silu(gate) * up at their
+    columns, rounded as the unfused GEMM output, transformers' ``silu(gate)``, then the product."""
     out_ty = y_ptr.dtype.element_ty
     pairs: tl.constexpr = BLOCK_N // (2 * GU_BLOCK)
-    y4 = tl.reshape(y, (BLOCK_M, pairs, 2, GU_BLOCK))
-    half = tl.arange(0, 2)[None, None, :, None]
-    gate = tl.sum(tl.where(half == 0, y4, 0.0), 2).to(out_ty).to(tl.float32)  # [BLOCK_M, pairs, GU_BLOCK]
-    up = tl.sum(tl.where(half == 1, y4, 0.0), 2).to(out_ty).to(tl.float32)
+    y3 = tl.reshape(y, (pairs, 2, GU_BLOCK))
+    half = tl.arange(0, 2)[None, :, None]
+    gate = tl.sum(tl.where(half == 0, y3, 0.0), 1).to(out_ty).to(tl.float32)  # [pairs, GU_BLOCK]
+    up = tl.sum(tl.where(half == 1, y3, 0.0), 1).to(out_ty).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
     cols = (tl.program_id(0) * pairs + tl.arange(0, pairs))[:, None] * GU_BLOCK + tl.arange(0, GU_BLOCK)[None, :]
-    ptrs = y_ptr + offs_m[:, None, None] * stride_ym + cols[None, :, :]
-    tl.store(ptrs, (act * up).to(out_ty), mask=mask_m[:, None, None] & (cols < n_out)[None, :, :])
+    tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < n_out)
 
 
 def fused_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu_out: bool = False,
                residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                config: GemvConfig | None = None, gate_up_block: int = 8) -> torch.Tensor:
-    """``x [M, K]`` (1 <= M <= ``MAX_ROWS``), ``w [N, K]`` (+ ``bias [N]``) -> ``[M, N]`` (``[M, N / 2]``
-    with ``silu_out``).
+    """One row: ``x [1, K]``, ``w [N, K]`` (+ ``bias [N]``) -> ``[1, N]`` (``[1, N / 2]`` with ``silu_out``).
 
     ``norm_weight [K]``: RMSNorm of x, its 1/RMS applied to the finished sums. ``silu_out``: w is a
     merged gate/up weight in blocks of ``gate_up_block`` gate rows, then their up rows
-    (``MergedColumnParallelLinear``); the output is ``silu(gate) * up``. ``residual [M, N]``: the
+    (``MergedColumnParallelLinear``); the output is ``silu(gate) * up``. ``residual [1, N]``: the
     product is added into it in place, and it is returned. A float32 ``out`` (plain or norm form)
     takes the product rounded to x's dtype, widened: the LM head's logits without a cast kernel."""
     n, k = w.shape
-    m, n_out = x.shape[0], n // 2 if silu_out else n
+    n_out = n // 2 if silu_out else n
     out = _check_gemv_args(x, w, bias, norm_weight, silu_out, residual, out)
-    cfg = config or pick_config(n_out, k, silu_out, m)
+    cfg = config or pick_config(n_out, k, silu_out)
     require(not silu_out or (gate_up_block >= 1 and n_out % gate_up_block == 0
                              and cfg.block_n % (2 * gate_up_block) == 0),
             lambda: f"gate_up_block {gate_up_block} must divide {n_out} and half of block_n {cfg.block_n}")
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, norm_weight if norm_weight is not None else x, w, bias if bias is not None else x, out, m, n, k, eps,
-        x.stride(0), out.stride(0), w.stride(0), NORM=norm_weight is not None, BIAS=bias is not None,
-        SILU_OUT=silu_out, RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GU_BLOCK=gate_up_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, norm_weight if norm_weight is not None else x, w, bias if bias is not None else x, out, n, k, eps,
+        w.stride(0), NORM=norm_weight is not None, BIAS=bias is not None, SILU_OUT=silu_out,
+        RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GU_BLOCK=gate_up_block,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -165,9 +127,8 @@ def _check_gemv_args(x, w, bias, norm_weight, silu_out: bool, residual, out) -> 
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("w", w, 2, (x.dtype,))
     n, k = w.shape
-    m = x.shape[0]
-    require(1 <= m <= MAX_ROWS and x.shape[1] == k,
-            lambda: f"fused_gemv takes 1..{MAX_ROWS} rows x [M, {k}] for w {tuple(w.shape)}, got {tuple(x.shape)}")
+    require(x.shape == (1, k), lambda: f"fused_gemv takes one row x [1, {k}] for w {tuple(w.shape)}, "
+            f"got {tuple(x.shape)}")
     require(not silu_out or n % 2 == 0, lambda: f"silu_out: w has {n} rows, not gate | up halves")
     require(bias is None or not silu_out, "fused_gemv: bias with silu_out is not supported")
     n_out = n // 2 if silu_out else n
@@ -181,23 +142,18 @@ def _check_gemv_args(x, w, bias, norm_weight, silu_out: bool, residual, out) -> 
         require(out is None, "fused_gemv: residual is the output; pass one of residual and out")
         out = residual
     elif out is None:
-        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+        out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     out_dtypes = (x.dtype,) if residual is not None or silu_out else (x.dtype, torch.float32)
     check_tensor("residual" if residual is not None else "out", out, 2, out_dtypes)
-    require(tuple(out.shape) == (m, n_out), lambda: f"output {tuple(out.shape)} != {(m, n_out)}")
+    require(tuple(out.shape) == (1, n_out), lambda: f"output {tuple(out.shape)} != {(1, n_out)}")
     check_same_device(out=out, **tensors)
     return out
 
 
-def pick_config(n: int, k: int, silu_out: bool, m: int = 1) -> GemvConfig:
-    """Tiling by shape, from the H200 sweep (``scripts/gpu/gemv_bench.py --fused``, Llama-3.1-8B).
-    One row: narrow column blocks for narrow outputs (4096: 512 programs), 16 for QKV-sized ones,
-    256-wide K steps for the vocabulary, 16 rows (a gate block and its up block) for gate/up
-    (``silu_out``). More rows: the accumulator holds rows x columns x K step, so the K step
-    shrinks as rows grow (64 fp32 registers a thread at 4 warps)."""
-    if m > 1:
-        block_n = 16 if silu_out else 8
-        return GemvConfig(block_n, max(32, 8192 // (next_pow2(m) * block_n)), 4, 3)
+def pick_config(n: int, k: int, silu_out: bool) -> GemvConfig:
+    """Tiling by shape, from the H200 sweep (``scripts/gpu/gemv_bench.py --fused``, Llama-3.1-8B):
+    narrow column blocks for narrow outputs (4096: 512 programs), 16 for QKV-sized ones, 256-wide K
+    steps for the vocabulary, 16 rows (a gate block and its up block) for gate/up (``silu_out``)."""
     if silu_out:
         return GemvConfig(16, 256, 4, 2)
     if n <= 8192:

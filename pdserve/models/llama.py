@@ -19,8 +19,6 @@ from pdserve.models.layers import (MergedColumnParallelLinear, ParallelLMHead, Q
 from pdserve.runtime.attention import AttentionBackend
 from pdserve.runtime.forward import ForwardBatch
 
-FUSED_GEMV_MAX_ROWS = 8  # = kernels.gemv.MAX_ROWS (that module imports triton; this one must not)
-
 # HF checkpoint name part -> (our fused parameter name part, shard id)
 STACKED_PARAMS = (
     (".q_proj.", ".qkv_proj.", 0),
@@ -100,9 +98,8 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def forward_gemv(self, residual, positions, rope, batch, attn) -> None:
-        """Up to ``FUSED_GEMV_MAX_ROWS`` tokens through the fused GEMVs (kernels/gemv.py):
-        ``residual [T, H]`` is the residual stream in and out, updated in place; four GEMV launches
-        plus attention."""
+        """One token through the fused GEMVs (kernels/gemv.py): ``residual [1, H]`` is the
+        residual stream in and out, updated in place; four GEMV launches plus attention."""
         from pdserve.kernels.gemv import fused_gemv  # triton stays out of CPU-only imports
 
         sa, mlp = self.self_attn, self.mlp
@@ -123,11 +120,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                           arch.rope_scaling_dict or None, device)
 
-        self.fused_gemv = False  # small steps through forward_gemv (LlamaForCausalLM.enable_fused_gemv)
+        self.fused_gemv = False  # batch-1 steps through forward_gemv (LlamaForCausalLM.enable_fused_gemv)
 
     def forward(self, input_ids, positions, batch, attn) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
-        if self.fused_gemv and 1 <= input_ids.shape[0] <= FUSED_GEMV_MAX_ROWS:
+        if self.fused_gemv and input_ids.shape[0] == 1:
             for layer in self.layers:
                 layer.forward_gemv(x, positions, self.rotary_emb, batch, attn)  # x: the residual stream
             return self.norm(x)
@@ -162,17 +159,16 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        if self.model.fused_gemv and 1 <= hidden.shape[0] <= FUSED_GEMV_MAX_ROWS:
+        if self.model.fused_gemv and hidden.shape[0] == 1:
             from pdserve.kernels.gemv import fused_gemv
-            logits = torch.empty(hidden.shape[0], self.lm_head.weight.shape[0], dtype=torch.float32,
-                                 device=hidden.device)
+            logits = torch.empty(1, self.lm_head.weight.shape[0], dtype=torch.float32, device=hidden.device)
             return fused_gemv(hidden, self.lm_head.weight, out=logits)[:, :self.arch.vocab_size]
         return self.lm_head.logits(hidden).float()
 
     def enable_fused_gemv(self) -> str | None:
-        """Steps of up to ``FUSED_GEMV_MAX_ROWS`` tokens (decode batches of 1-8) through the fused
-        GEMV kernels from now on; returns why not instead where they cannot serve this model
-        (``--disable-fused-gemv`` turns them off)."""
+        """Batch-1 steps (a decode step of one sequence) through the fused GEMV kernels from now
+        on; returns why not instead where they cannot serve this model (``--disable-fused-gemv``
+        turns them off)."""
         if self.tp.size > 1:
             return "tensor parallel (the residual add must follow the all-reduce)"
         if any(isinstance(m, QuantizableLinear) and m.qweight is not None for m in self.modules()):

@@ -2,7 +2,7 @@
 torch.compile's max-autotune choice, as weight bandwidth (the decode floor's assumption).
 
     python scripts/gpu/gemv_bench.py [--batches 1,8] [--skip-compile]
-    python scripts/gpu/gemv_bench.py --fused --batches 1,8   # pdserve's fused GEMV: sweep (batch 1), layer chains
+    python scripts/gpu/gemv_bench.py --fused     # batch 1: pdserve's fused GEMV, sweep + layer chain
 
 Answers: can --enable-torch-compile (inductor's max-autotune GEMM choice) make the batch-1 step,
 87% weight GEMMs, faster? Timed inside a CUDA graph (as the engine decodes), cycling through
@@ -59,7 +59,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.fused:
         from gemv_fused_bench import fused_main
-        return fused_main(SHAPES, gpu_us, [int(x) for x in args.batches.split(",")])
+        return fused_main(SHAPES, gpu_us)
     if args.blas_variants:
         return blas_variants([int(x) for x in args.batches.split(",")])
     print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6}")

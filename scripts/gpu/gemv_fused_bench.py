@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +72,8 @@ def sweep(shapes: dict, gpu_us) -> dict[tuple[str, str], GemvConfig]:
     return best
 
 
-def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig | None], gpu_us, rows: int = 1,
-                layers: int = 8) -> None:
-    """One layer's GEMMs and the elementwise kernels between them, unfused vs fused (us per layer),
-    for ``rows`` tokens; ``best`` None entries take ``pick_config``'s tiling."""
+def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig], gpu_us, layers: int = 8) -> None:
+    """One layer's GEMMs and the elementwise kernels between them, unfused vs fused (us per layer)."""
     dims = {name: shapes[name] for name in ("qkv", "o", "gate_up", "down")}
     hidden, inter = dims["o"][1], dims["down"][0]
     dev, dt = "cuda", torch.bfloat16
@@ -86,10 +83,10 @@ def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig | None], gp
         b = GATE_UP_BLOCK
         w["gate_up_il"] = w["gate_up"].view(2, inter // b, b, hidden).transpose(0, 1).reshape(2 * inter, hidden)
     g1, g2 = (1 + 0.1 * torch.randn(hidden, device=dev)).to(dt), (1 + 0.1 * torch.randn(hidden, device=dev)).to(dt)
-    attn = torch.randn(rows, hidden, device=dev, dtype=dt)
-    res0 = torch.randn(rows, hidden, device=dev, dtype=dt)
-    act = torch.empty(rows, inter, device=dev, dtype=dt)
-    qkv = torch.empty(rows, dims["qkv"][1], device=dev, dtype=dt)
+    attn = torch.randn(1, hidden, device=dev, dtype=dt)
+    res0 = torch.randn(1, hidden, device=dev, dtype=dt)
+    act = torch.empty(1, inter, device=dev, dtype=dt)
+    qkv = torch.empty(1, dims["qkv"][1], device=dev, dtype=dt)
 
     def unfused(w: dict) -> torch.Tensor:
         o = F.linear(attn, w["o"])
@@ -112,17 +109,12 @@ def layer_chain(shapes: dict, best: dict[tuple[str, str], GemvConfig | None], gp
     err = ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
     t_un, t_fu = gpu_us(unfused, weights, reps=16), gpu_us(fused, weights, reps=16)
     t_un, t_fu = min(t_un, gpu_us(unfused, weights, reps=16)), min(t_fu, gpu_us(fused, weights, reps=16))
-    print(f"\n## batch {rows}: layer chain O -> norm -> gate/up -> SiLU -> down -> norm -> QKV, us per layer")
+    print(f"\n## batch 1: layer chain O -> norm -> gate/up -> SiLU -> down -> norm -> QKV, us per layer")
     print(f"unfused (cuBLAS + add-RMSNorm x2 + SiLU-mul): {t_un:.1f}   fused (4 GEMVs): {t_fu:.1f}   "
           f"saving per 32 layers: {(t_un - t_fu) * 32 / 1e3:.3f} ms   max rel diff {err:.2e}", flush=True)
 
 
-def fused_main(shapes: dict, gpu_us, rows: list[int]) -> int:
-    """Batch 1: the tiling sweep, then the chain with its winners. More rows: the chain with
-    ``pick_config``'s tilings (a sweep per row count would compile hundreds of variants)."""
-    for m in rows:
-        if m == 1:
-            layer_chain(shapes, sweep(shapes, gpu_us), gpu_us)
-        else:
-            layer_chain(shapes, defaultdict(lambda: None), gpu_us, rows=m)
+def fused_main(shapes: dict, gpu_us) -> int:
+    best = sweep(shapes, gpu_us)
+    layer_chain(shapes, best, gpu_us)
     return 0

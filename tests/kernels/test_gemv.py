@@ -15,38 +15,34 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,m", [(40, 72, 1), (7, 100, 1), (64, 32, 1), (40, 72, 3), (7, 100, 8)])
-def test_plain_and_bias(dtype, n, k, m):
-    x, w, b = _randn(m, k, dtype=dtype), _randn(n, k, dtype=dtype, seed=1), _randn(n, dtype=dtype, seed=2)
+@pytest.mark.parametrize("n,k", [(40, 72), (7, 100), (64, 32)])
+def test_plain_and_bias(dtype, n, k):
+    x, w, b = _randn(1, k, dtype=dtype), _randn(n, k, dtype=dtype, seed=1), _randn(n, dtype=dtype, seed=2)
     assert_close(fused_gemv(x, w, config=SMALL), fused_gemv_ref(x, w))
     assert_close(fused_gemv(x, w, b, config=SMALL), fused_gemv_ref(x, w, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5])
-def test_rmsnorm_prologue(dtype, m):
-    """1/RMS (per row) is applied to the sums, the normed row is not rounded first: within bf16 ulps."""
-    x, w = _randn(m, 72, dtype=dtype, scale=3.0), _randn(40, 72, dtype=dtype, seed=1)
+def test_rmsnorm_prologue(dtype):
+    """1/RMS is applied to the sums, the normed row is not rounded first: within bf16 ulps."""
+    x, w = _randn(1, 72, dtype=dtype, scale=3.0), _randn(40, 72, dtype=dtype, seed=1)
     g = _randn(72, dtype=dtype, seed=2, scale=0.1) + 1
     b = _randn(40, dtype=dtype, seed=3)
-    for bias in (None, b):
-        ref = fused_gemv_ref(x, w, bias, norm_weight=g, eps=1e-5).float()  # 2 bf16 ulps of the largest output
-        torch.testing.assert_close(fused_gemv(x, w, bias, norm_weight=g, eps=1e-5, config=SMALL).float(), ref,
-                                   atol=ref.abs().max().item() * (2**-6 if dtype == torch.bfloat16 else 1e-6),
-                                   rtol=0)
+    assert_close(fused_gemv(x, w, norm_weight=g, eps=1e-5, config=SMALL), fused_gemv_ref(x, w, norm_weight=g, eps=1e-5))
+    assert_close(fused_gemv(x, w, b, norm_weight=g, eps=1e-5, config=SMALL),
+                 fused_gemv_ref(x, w, b, norm_weight=g, eps=1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block,n,cfg,m", [(4, 44, SMALL, 1), (8, 40, GemvConfig(32, 32, 4, 2), 1),
-                                           (4, 44, SMALL, 6)])
-def test_silu_out_pairs_gate_and_up_blocks(dtype, block, n, cfg, m):
+@pytest.mark.parametrize("block,n,cfg", [(4, 44, SMALL), (8, 40, GemvConfig(32, 32, 4, 2))])
+def test_silu_out_pairs_gate_and_up_blocks(dtype, block, n, cfg):
     """w in MergedColumnParallelLinear's layout: blocks of gate rows, each followed by its up rows;
     the last program holds fewer (gate, up) block pairs than the others."""
-    x, w = _randn(m, 72, dtype=dtype), _randn(2 * n, 72, dtype=dtype, seed=1)
+    x, w = _randn(1, 72, dtype=dtype), _randn(2 * n, 72, dtype=dtype, seed=1)
     g = _randn(72, dtype=dtype, seed=2, scale=0.1) + 1
     kw = {"silu_out": True, "gate_up_block": block}
     out = fused_gemv(x, w, config=cfg, **kw)
-    assert out.shape == (m, n)
+    assert out.shape == (1, n)
     assert_close(out, fused_gemv_ref(x, w, **kw))
     if dtype == torch.bfloat16:  # no norm: the same roundings as the unfused ops, bit for bit
         assert torch.equal(out, fused_gemv_ref(x, w, **kw))
@@ -59,9 +55,8 @@ def test_silu_out_pairs_gate_and_up_blocks(dtype, block, n, cfg, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 4])
-def test_residual_is_updated_in_place(dtype, m):
-    x, w, res = _randn(m, 100, dtype=dtype), _randn(40, 100, dtype=dtype, seed=1), _randn(m, 40, dtype=dtype, seed=2)
+def test_residual_is_updated_in_place(dtype):
+    x, w, res = _randn(1, 100, dtype=dtype), _randn(40, 100, dtype=dtype, seed=1), _randn(1, 40, dtype=dtype, seed=2)
     expected = fused_gemv_ref(x, w, residual=res)
     before = res.clone()
     out = fused_gemv(x, w, residual=res, config=SMALL)
@@ -79,27 +74,15 @@ def test_float32_out_holds_the_rounded_product():
         fused_gemv(x, w, residual=out)
 
 
-@pytest.mark.parametrize("m", [1, 2, 7])
-def test_default_tiling_covers_the_shape(m):
-    x, w = _randn(m, 600), _randn(300, 600, seed=1)  # K not a multiple of the default K step
+def test_default_tiling_covers_the_shape():
+    x, w = _randn(1, 600), _randn(300, 600, seed=1)  # K not a multiple of the default 512-wide step
     assert_close(fused_gemv(x, w), fused_gemv_ref(x, w))
-    g = _randn(600, seed=2, scale=0.1) + 1
-    kw = {"norm_weight": g, "silu_out": True, "gate_up_block": 2}  # 150 gate columns: blocks of 2
-    torch.testing.assert_close(fused_gemv(x, w, **kw), fused_gemv_ref(x, w, **kw), rtol=1e-4, atol=1e-4)
     assert pick_config(4096, 4096, False).block_n == 8 and pick_config(128256, 4096, False).block_k == 256
-    cfg = pick_config(4096, 4096, True, 8)  # 8 rows: the accumulator stays at 64 registers a thread
-    assert cfg.block_n % 16 == 0 and 8 * cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps
-
-
-def test_row_limit_matches_the_model():
-    from pdserve.kernels.gemv import MAX_ROWS
-    from pdserve.models.llama import FUSED_GEMV_MAX_ROWS
-    assert MAX_ROWS == FUSED_GEMV_MAX_ROWS
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"x": (9, 8)}, "rows"),
-    ({"x": (1, 9)}, "rows"),
+    ({"x": (2, 8)}, "one row"),
+    ({"x": (1, 9)}, "one row"),
     ({"w": (7, 8), "silu_out": True}, "gate | up"),
     ({"w": (12, 8), "silu_out": True}, "gate_up_block"),
     ({"norm_weight": (9,)}, "norm_weight"),
