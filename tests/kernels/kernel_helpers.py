@@ -37,3 +37,13 @@ def page_table_for(lens: list[int], page_size: int, num_pages: int, seed: int = 
         table[i, :n] = perm[used:used + n].to(torch.int32)
         used += n
     return table.to(DEVICE)
+
+
+def fused_qkv(tokens: int, hq: int, hkv: int, head_dim: int, dtype: torch.dtype, g: torch.Generator):
+    """A fused qkv output ``[T, (Hq + 2 Hkv) D]`` (values N(0, 4)) and its q/k/v views, sliced as
+    the model slices it -> (qkv, (q, k, v))."""
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=g).mul(2).to(dtype).to(DEVICE)
+    q = qkv[:, :hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(tokens, hkv, head_dim)
+    v = qkv[:, (hq + hkv) * head_dim:].view(tokens, hkv, head_dim)
+    return qkv, (q, k, v)

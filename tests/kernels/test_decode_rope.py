@@ -6,7 +6,7 @@ padding row (length 0, slot -1) and contexts whose new token falls in different 
 import pytest
 import torch
 
-from kernel_helpers import DEVICE, DTYPES, assert_close, random_pool
+from kernel_helpers import DEVICE, DTYPES, assert_close, fused_qkv, random_pool
 from pdserve.kernels.decode_attention import DecodeRope, decode_attention, decode_attention_ref
 from pdserve.kernels.rope_store import rope_store_kv
 from pdserve.kernels.rotary import build_cos_sin_cache, rope_inv_freq
@@ -18,10 +18,7 @@ LENS = [1, 9, 0, 22, 16]  # 0: a graph padding row (slot -1)
 def _case(hq: int, hkv: int, dtype, page_dtype, rotary_dim: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     b = len(LENS)
-    qkv = torch.randn(b, (hq + 2 * hkv) * D, generator=g).mul(2).to(dtype).to(DEVICE)
-    q = qkv[:, :hq * D].view(b, hq, D)
-    k = qkv[:, hq * D:(hq + hkv) * D].view(b, hkv, D)
-    v = qkv[:, (hq + hkv) * D:].view(b, hkv, D)
+    qkv, (q, k, v) = fused_qkv(b, hq, hkv, D, dtype, g)
     pool = random_pool(PAGES, 2, PS, hkv, D, torch.float32, seed=3).to(page_dtype)
     perm = torch.randperm(PAGES, generator=g)
     width = max(-(-n // PS) for n in LENS)

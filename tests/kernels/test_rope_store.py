@@ -4,7 +4,7 @@ the torch references (16-bit roundings, fp8 quantization, skipped slots, partial
 import pytest
 import torch
 
-from kernel_helpers import DEVICE, DTYPES, random_pool
+from kernel_helpers import DEVICE, DTYPES, fused_qkv, random_pool
 from pdserve.kernels.kv_store import store_kv
 from pdserve.kernels.rope_store import rope_store_kv, rope_store_kv_ref
 from pdserve.kernels.rotary import apply_rotary, build_cos_sin_cache, rope_inv_freq
@@ -17,10 +17,7 @@ def _case(hq: int, hkv: int, dtype: torch.dtype, seed: int = 0):
     """A fused qkv output [T, (Hq + 2 Hkv) D] and its q/k/v views, as the model slices it."""
     g = torch.Generator().manual_seed(seed)
     t = len(LOC)
-    qkv = torch.randn(t, (hq + 2 * hkv) * HEAD_DIM, generator=g).mul(2).to(dtype).to(DEVICE)
-    q = qkv[:, :hq * HEAD_DIM].view(t, hq, HEAD_DIM)
-    k = qkv[:, hq * HEAD_DIM:(hq + hkv) * HEAD_DIM].view(t, hkv, HEAD_DIM)
-    v = qkv[:, (hq + hkv) * HEAD_DIM:].view(t, hkv, HEAD_DIM)
+    qkv, (q, k, v) = fused_qkv(t, hq, hkv, HEAD_DIM, dtype, g)
     positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
     return qkv, (q, k, v), positions
 
