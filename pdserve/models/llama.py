@@ -119,7 +119,6 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                           arch.rope_scaling_dict or None, device)
-
         self.fused_gemv = False  # batch-1 steps through forward_gemv (LlamaForCausalLM.enable_fused_gemv)
 
     def forward(self, input_ids, positions, batch, attn) -> torch.Tensor:
