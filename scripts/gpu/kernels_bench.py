@@ -149,8 +149,12 @@ def bench_decode(res: Results, sh: Shapes, device) -> None:
             times.append(gpu_time_us(run, reps=2 if calls > 16 else 8) / calls)
         print(f"  {b:>5} {splits:>6} {times[0]:>10.1f} -> {times[1]:.1f}", flush=True)
     print("  sweep (batch: splits/block_n/warps/stages -> us, GB/s):")
+    middle = sh.bench_batches[1:-1]  # the real shapes: batch 8 and 64
     sweeps = {sh.bench_batches[0]: [(8, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 2, 2),
                                     (32, 64, 4, 3), (32, 128, 4, 2)],
+              **({middle[0]: [(4, 64, 4, 2), (8, 64, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2),
+                              (16, 64, 4, 3)],
+                  middle[-1]: [(1, 64, 4, 2), (2, 64, 4, 2), (4, 64, 4, 2), (8, 64, 4, 2)]} if middle else {}),
               sh.bench_batches[-1]: [(8, 64, 4, 2), (8, 64, 4, 3), (8, 128, 4, 2), (8, 128, 8, 3), (4, 64, 4, 2),
                                      (2, 64, 4, 2), (1, 64, 4, 2), (2, 128, 4, 3), (4, 128, 8, 2), (8, 32, 4, 3)]}
     for b, configs in sweeps.items():
