@@ -41,6 +41,13 @@ static inline __m512 exp512(__m512 x) {  /* Cephes expf: ~1 ulp on [-87, 0] */
   return _mm512_scalef_ps(p, n);
 }
 
+static inline int64_t slot_offset(const int64_t* pages, int64_t t, int64_t ps, int64_t page_stride, int64_t row,
+                                  int64_t head_off) {  /* element offset of token t's row for one kv head */
+  return pages[t / ps] * page_stride + (t % ps) * row + head_off;
+}
+static inline void prefetch_slot(const void* base, int64_t esz, int64_t off) {
+  __builtin_prefetch((const char*)base + off * esz, 0, 3);
+}
 static inline __m512 ld(const void* base, int bf16, int64_t i) {
   if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i))), 16));
   return _mm512_loadu_ps((const float*)base + i);
@@ -66,8 +73,8 @@ int decode_attention(const float* q, const void* kbase, const void* vbase, int b
     const int64_t* pages = table + b * P;
     const int64_t esz = bf16 ? 2 : 4;
     for (int64_t t = 0; t < L; t++) {
-      const int64_t off = pages[t / ps] * page_stride + (t % ps) * row + h * D;
-      if (t + 16 < L) __builtin_prefetch((const char*)kbase + (pages[(t + 16) / ps] * page_stride + ((t + 16) % ps) * row + h * D) * esz, 0, 3);
+      const int64_t off = slot_offset(pages, t, ps, page_stride, row, h * D);
+      if (t + 16 < L) prefetch_slot(kbase, esz, slot_offset(pages, t + 16, ps, page_stride, row, h * D));
       __m512 kv[MAXND];
       for (int64_t j = 0; j < ND; j++) kv[j] = ld(kbase, bf16, off + j * 16);
       for (int64_t g = 0; g < G; g++) {
@@ -95,8 +102,8 @@ int decode_attention(const float* q, const void* kbase, const void* vbase, int b
     __m512 acc[MAXG * MAXND];
     for (int64_t i = 0; i < G * ND; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t++) {
-      const int64_t off = pages[t / ps] * page_stride + (t % ps) * row + h * D;
-      if (t + 16 < L) __builtin_prefetch((const char*)vbase + (pages[(t + 16) / ps] * page_stride + ((t + 16) % ps) * row + h * D) * esz, 0, 3);
+      const int64_t off = slot_offset(pages, t, ps, page_stride, row, h * D);
+      if (t + 16 < L) prefetch_slot(vbase, esz, slot_offset(pages, t + 16, ps, page_stride, row, h * D));
       __m512 vv[MAXND];
       for (int64_t j = 0; j < ND; j++) vv[j] = ld(vbase, bf16, off + j * 16);
       for (int64_t g = 0; g < G; g++) {

@@ -78,29 +78,31 @@ def graph_us(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / reps / COPIES
 
 
-def main() -> int:
+def batch1_attention(dev: torch.device, dt: torch.dtype):
+    """Batch-1 decode attention over 2k tokens, 32 q / 8 kv heads, page 16, its own KV per copy:
+    -> ``attn(i)`` running it on copy i."""
     from pdserve.kernels.decode_attention import DecodeWorkspace, decode_attention
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    ws = [torch.randn(4096, 4096, device=dev, dtype=dt) for _ in range(COPIES)]
-    x = torch.randn(1, 4096, device=dev, dtype=dt)
-    sink = torch.zeros(1, device=dev)
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
-    # batch-1 decode attention over 2k tokens, 32 q / 8 kv heads, page 16: its own KV per copy
     pages = 128
     kv = [torch.randn(2, pages, 16, 8, 128, device=dev, dtype=dt) for _ in range(COPIES)]
     table = torch.arange(pages, device=dev, dtype=torch.int32)[None]
     lens = torch.tensor([2048], device=dev, dtype=torch.int32)
     q = torch.randn(1, 32, 128, device=dev, dtype=dt)
     work = DecodeWorkspace.allocate(1, 32, 128, 32, dt, dev)
+    return lambda i: decode_attention(q, kv[i][0], kv[i][1], table, lens, 0.088, num_kv_splits=32, workspace=work)
 
-    def attn(i):
-        decode_attention(q, kv[i][0], kv[i][1], table, lens, 0.088, num_kv_splits=32, workspace=work)
 
+def main() -> int:
     from pdserve.kernels.gemv import fused_gemv
-    side = torch.cuda.Stream()
 
-    def run(prefetch=None, with_attn=True, gemv=False, concurrent=False):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    ws = [torch.randn(4096, 4096, device=dev, dtype=dt) for _ in range(COPIES)]
+    x = torch.randn(1, 4096, device=dev, dtype=dt)
+    sink = torch.zeros(1, device=dev)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    attn, side = batch1_attention(dev, dt), torch.cuda.Stream()
+    matmuls = {"gemm": lambda w: torch.nn.functional.linear(x, w), "gemv": lambda w: fused_gemv(x, w), None: None}
+
+    def run(prefetch=None, with_attn=True, matmul="gemm", concurrent=False):
         def fn():
             flush.zero_()  # evicts everything from L2 once per replay
             main = torch.cuda.current_stream()
@@ -115,30 +117,26 @@ def main() -> int:
                     attn(i)
                 if concurrent:
                     main.wait_stream(side)
-                fused_gemv(x, ws[i]) if gemv else torch.nn.functional.linear(x, ws[i])
+                if matmuls[matmul] is not None:
+                    matmuls[matmul](ws[i])
         return fn
 
-    flush_us = graph_us(lambda: flush.zero_())
+    touch_w = lambda w: touch(w, sink)  # noqa: E731
     rows = [("attention + O GEMM", run()),
             ("bulk L2 prefetch, attention, O GEMM", run(bulk_prefetch)),
-            ("plain-load prefetch, attention, O GEMM", run(lambda w: touch(w, sink))),
+            ("plain-load prefetch, attention, O GEMM", run(touch_w)),
             ("O GEMM alone", run(with_attn=False)),
             ("bulk L2 prefetch, O GEMM (no attention)", run(bulk_prefetch, with_attn=False)),
-            ("attention + O GEMV (pdserve)", run(gemv=True)),
-            ("O GEMV alone", run(with_attn=False, gemv=True)),
-            ("bulk L2 prefetch, O GEMV (no attention)", run(bulk_prefetch, with_attn=False, gemv=True)),
-            ("plain-load prefetch, O GEMV (no attention)", run(lambda w: touch(w, sink), with_attn=False, gemv=True)),
-            ("bulk prefetch || attention, O GEMV", run(bulk_prefetch, gemv=True, concurrent=True)),
-            ("plain-load prefetch || attention, O GEMV", run(lambda w: touch(w, sink), gemv=True, concurrent=True)),
-            ("attention alone", None)]
+            ("attention + O GEMV (pdserve)", run(matmul="gemv")),
+            ("O GEMV alone", run(with_attn=False, matmul="gemv")),
+            ("bulk L2 prefetch, O GEMV (no attention)", run(bulk_prefetch, with_attn=False, matmul="gemv")),
+            ("plain-load prefetch, O GEMV (no attention)", run(touch_w, with_attn=False, matmul="gemv")),
+            ("bulk prefetch || attention, O GEMV", run(bulk_prefetch, matmul="gemv", concurrent=True)),
+            ("plain-load prefetch || attention, O GEMV", run(touch_w, matmul="gemv", concurrent=True)),
+            ("attention alone", run(matmul=None))]
     print(f"{torch.cuda.get_device_name()}: us per pair, {COPIES} weight copies cycled, L2 flushed per replay "
-          f"(flush {flush_us:.1f} us per pair is included in every row)")
+          f"(flush {graph_us(lambda: flush.zero_()):.1f} us per pair is included in every row)")
     for name, fn in rows:
-        if fn is None:
-            def fn():
-                flush.zero_()
-                for i in range(COPIES):
-                    attn(i)
         try:
             print(f"  {name:45s} {graph_us(fn):8.2f} us", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on (inline PTX may not assemble)
