@@ -41,16 +41,21 @@ static inline __m512 exp512(__m512 x) {  /* Cephes expf: ~1 ulp on [-87, 0] */
   return _mm512_scalef_ps(p, n);
 }
 
+static inline __m512 ld(const void* base, int bf16, int64_t i) {
+  if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i))), 16));
+  return _mm512_loadu_ps((const float*)base + i);
+}
 static inline int64_t slot_offset(const int64_t* pages, int64_t t, int64_t ps, int64_t page_stride, int64_t row,
                                   int64_t head_off) {  /* element offset of token t's row for one kv head */
   return pages[t / ps] * page_stride + (t % ps) * row + head_off;
 }
-static inline void prefetch_slot(const void* base, int64_t esz, int64_t off) {
-  __builtin_prefetch((const char*)base + off * esz, 0, 3);
-}
-static inline __m512 ld(const void* base, int bf16, int64_t i) {
-  if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i))), 16));
-  return _mm512_loadu_ps((const float*)base + i);
+/* token t's row of one kv head into dst[ND] (fp32), prefetching the row 16 tokens on */
+static inline void load_head_row(__m512* dst, const void* base, int bf16, const int64_t* pages, int64_t t, int64_t L,
+                                 int64_t ps, int64_t page_stride, int64_t row, int64_t head_off, int64_t ND) {
+  if (t + 16 < L)
+    __builtin_prefetch((const char*)base + slot_offset(pages, t + 16, ps, page_stride, row, head_off) * (bf16 ? 2 : 4), 0, 3);
+  const int64_t off = slot_offset(pages, t, ps, page_stride, row, head_off);
+  for (int64_t j = 0; j < ND; j++) dst[j] = ld(base, bf16, off + j * 16);
 }
 
 #define MAXG 8
@@ -71,12 +76,9 @@ int decode_attention(const float* q, const void* kbase, const void* vbase, int b
     __m512 qv[MAXG * MAXND];
     for (int64_t g = 0; g < G; g++) for (int64_t j = 0; j < ND; j++) qv[g * ND + j] = _mm512_loadu_ps(q + (b * Hq + h * G + g) * D + j * 16);
     const int64_t* pages = table + b * P;
-    const int64_t esz = bf16 ? 2 : 4;
     for (int64_t t = 0; t < L; t++) {
-      const int64_t off = slot_offset(pages, t, ps, page_stride, row, h * D);
-      if (t + 16 < L) prefetch_slot(kbase, esz, slot_offset(pages, t + 16, ps, page_stride, row, h * D));
       __m512 kv[MAXND];
-      for (int64_t j = 0; j < ND; j++) kv[j] = ld(kbase, bf16, off + j * 16);
+      load_head_row(kv, kbase, bf16, pages, t, L, ps, page_stride, row, h * D, ND);
       for (int64_t g = 0; g < G; g++) {
         __m512 acc = _mm512_mul_ps(qv[g * ND], kv[0]);
         for (int64_t j = 1; j < ND; j++) acc = _mm512_fmadd_ps(qv[g * ND + j], kv[j], acc);
@@ -102,10 +104,8 @@ int decode_attention(const float* q, const void* kbase, const void* vbase, int b
     __m512 acc[MAXG * MAXND];
     for (int64_t i = 0; i < G * ND; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t++) {
-      const int64_t off = slot_offset(pages, t, ps, page_stride, row, h * D);
-      if (t + 16 < L) prefetch_slot(vbase, esz, slot_offset(pages, t + 16, ps, page_stride, row, h * D));
       __m512 vv[MAXND];
-      for (int64_t j = 0; j < ND; j++) vv[j] = ld(vbase, bf16, off + j * 16);
+      load_head_row(vv, vbase, bf16, pages, t, L, ps, page_stride, row, h * D, ND);
       for (int64_t g = 0; g < G; g++) {
         const __m512 p = _mm512_set1_ps(s[g * Lp + t]);
         for (int64_t j = 0; j < ND; j++) acc[g * ND + j] = _mm512_fmadd_ps(p, vv[j], acc[g * ND + j]);
