@@ -119,15 +119,41 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tp: int = opt(1, "Tensor-parallel size.", flag="--tp")
-    dp: int = opt(1, "Data-parallel size (with --enable-dp-attention: attention DP ranks).", flag="--dp")
-    enable_dp_attention: bool = opt(False, "Attention data-parallel, MLP tensor-parallel (decode).")
-    dist_init_addr: str | None = opt(None, "host:port for torch.distributed rendezvous.")
+    tp: int = opt(1, "Tensor-parallel size: ranks of this node (one process and one device each; rank 0 "
+                     "owns the sockets and the scheduler). With --enable-dp-attention, all ranks split the MLP.",
+                  flag="--tp")
+    dp: int = opt(1, "Attention data-parallel groups (with --enable-dp-attention; must divide --tp). Plain "
+                     "data parallelism is more nodes behind the router.", flag="--dp")
+    enable_dp_attention: bool = opt(False, "Attention data-parallel over --dp groups (each its own requests and "
+                                           "KV pages), MLP tensor-parallel over all --tp ranks (decode nodes).")
+    dist_init_addr: str | None = opt(None, "host:port for the node's torch.distributed rendezvous "
+                                           "(default: a free port on 127.0.0.1).")
+    dist_timeout: float = opt(120.0, "Seconds a collective may wait for a silent rank before the node fails.")
+    nnodes: int = opt(1, "Hosts one node's ranks span (only 1: rank 0 registers every rank's KV pool with "
+                         "its transfer agent, which needs the pools on its host).")
+    node_rank: int = opt(0, "This host's index among --nnodes (only 0, see --nnodes).")
 
     def __post_init__(self) -> None:
         _check(self.tp >= 1, "--tp", f"must be >= 1, got {self.tp}")
         _check(self.dp >= 1, "--dp", f"must be >= 1, got {self.dp}")
+        _check(self.dp == 1 or self.enable_dp_attention, "--dp",
+               f"{self.dp} without --enable-dp-attention: for data-parallel replicas start more nodes "
+               f"(pdserve up --decode {self.dp}); the router spreads requests over them")
         _check(not self.enable_dp_attention or self.dp > 1, "--enable-dp-attention", "needs --dp > 1")
+        _check(self.tp % self.dp == 0, "--dp", f"{self.dp} attention groups must divide --tp {self.tp}")
+        _check(self.dist_timeout > 0, "--dist-timeout", f"must be positive, got {self.dist_timeout}")
+        _check(self.nnodes == 1, "--nnodes", "a node's ranks must share one host (its KV pools are registered "
+                                             "by rank 0's transfer agent); span hosts with more nodes instead")
+        _check(self.node_rank == 0, "--node-rank", "only 0 (see --nnodes)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "--dist-init-addr",
+                   f"expected host:port, got {self.dist_init_addr!r}")
+
+    @property
+    def attn_dp(self) -> int:
+        """Attention groups (1 without --enable-dp-attention)."""
+        return self.dp if self.enable_dp_attention else 1
 
 
 MAX_PREFILL_GRAPH_SEQS = 64  # = kernels.extend_attention.MAX_FLAT_SEQS (its sequence scan is unrolled)

@@ -55,7 +55,9 @@ def resolve_device(model_cfg: ModelConfig) -> torch.device:
 
 
 def load_model(model_cfg: ModelConfig, device: torch.device | str, *, tp_rank: int = 0, tp_size: int = 1,
-               tp_group=None) -> LoadedModel:
+               tp_group=None, parallel=None) -> LoadedModel:
+    """``parallel`` (``runtime.parallel.ParallelGroups``) overrides ``tp_*``: this rank's shard of
+    a node's tensor-parallel / DP-attention layout."""
     from pdserve.model_pull import resolve_model_path
 
     start = time.perf_counter()
@@ -69,8 +71,13 @@ def load_model(model_cfg: ModelConfig, device: torch.device | str, *, tp_rank: i
         config, weights, identity = _hf_source(path, model_cfg, dtype, device)
     arch = ModelArch.from_hf_config(config)
     context_length = model_cfg.context_length or arch.max_position_embeddings
+    extra = {}
+    if parallel is not None:
+        tp = parallel.mlp_tp
+        tp_rank, tp_size, tp_group = tp.rank, tp.size, tp.group
+        extra = {"attn_tp": parallel.attn_tp, "dp": parallel.dp}
     model = get_model_class(arch.architecture)(arch, dtype, device, tp_rank, tp_size, tp_group,
-                                               max_positions=context_length)
+                                               max_positions=context_length, **extra)
     model.load_weights(weights)
     if model_cfg.quantization:
         model.quantize_(model_cfg.quantization)

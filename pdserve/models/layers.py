@@ -106,12 +106,12 @@ class ColumnParallelLinear(QuantizableLinear):
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TPInfo,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, shard_sizes: list[int] | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.input_size = input_size
         self.full_sizes = list(output_sizes)
-        self.shard_sizes = [_divide(s, tp.size, "output size") for s in output_sizes]
+        self.shard_sizes = shard_sizes or [_divide(s, tp.size, "output size") for s in output_sizes]
         out = sum(self.shard_sizes)
         self.weight = _param((out, input_size), dtype, device)  # [out / tp, in]
         self.bias = _param((out,), dtype, device) if bias else None
@@ -158,41 +158,74 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _copy(blocks[:, shard_id], loaded.narrow(0, start, size).reshape(blocks[:, shard_id].shape), "column shard")
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one TP rank holds: query heads ``[q_start, q_start + q_count)`` and KV
+    heads ``[kv_start, kv_start + kv_count)``."""
+    q_start: int
+    q_count: int
+    kv_start: int
+    kv_count: int
+
+
+def head_shard(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadShard:
+    """Split attention heads over TP ranks by whole KV-head groups (a KV head with its query heads).
+
+    At least as many KV heads as ranks: each rank gets ``num_kv_heads // tp`` groups and the first
+    ``num_kv_heads % tp`` ranks one more (SmolLM2's 3 KV heads over 2 ranks: 2 + 1), so no head is
+    cut. Fewer KV heads than ranks: query heads split evenly and each rank keeps the one KV head
+    its query heads use (replicated; ``tp`` must be a multiple of the KV heads)."""
+    group = num_heads // num_kv_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"--model-path: {num_heads} attention heads are not a multiple of {num_kv_heads} KV heads")
+    if num_kv_heads >= tp_size:
+        base, extra = divmod(num_kv_heads, tp_size)
+        kv_count = base + (tp_rank < extra)
+        kv_start = tp_rank * base + min(tp_rank, extra)
+        return HeadShard(kv_start * group, kv_count * group, kv_start, kv_count)
+    if tp_size % num_kv_heads:
+        raise ValueError(f"--tp: {tp_size} ranks for {num_kv_heads} KV heads: with fewer KV heads than ranks, "
+                         f"--tp must be a multiple of num_key_value_heads")
+    q_count = _divide(num_heads, tp_size, "num_attention_heads")
+    return HeadShard(tp_rank * q_count, q_count, tp_rank // (tp_size // num_kv_heads), 1)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k, v in one matmul. Query heads split over ranks; KV heads too, or replicated when
-    there are fewer KV heads than ranks (each rank keeps the one its query heads use)."""
+    """q, k, v in one matmul, split over ranks by whole KV-head groups (``head_shard``): KV heads
+    split (unevenly when the count does not divide), or replicated when there are fewer KV heads
+    than ranks (each rank keeps the one its query heads use)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp: TPInfo, dtype: torch.dtype, device: torch.device | str) -> None:
         self.head_dim = head_dim
-        self.num_heads = _divide(num_heads, tp.size, "num_attention_heads")
-        if num_kv_heads >= tp.size:
-            self.num_kv_heads = _divide(num_kv_heads, tp.size, "num_key_value_heads")
-            self.kv_head_start = tp.rank * self.num_kv_heads
-        else:
-            _divide(tp.size, num_kv_heads, "TP size over num_key_value_heads")
-            self.num_kv_heads = 1
-            self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
+        self.heads = head_shard(num_heads, num_kv_heads, tp.size, tp.rank)
+        self.num_heads, self.num_kv_heads = self.heads.q_count, self.heads.kv_count
+        self.kv_head_start = self.heads.kv_start
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        super().__init__(hidden_size, [q * tp.size, kv * tp.size, kv * tp.size], bias, tp, dtype, device)
-        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         bias, tp, dtype, device, shard_sizes=[q, kv, kv])
 
     def shard_range(self, shard_id: int) -> tuple[int, int, int]:
-        offset, size, start = super().shard_range(shard_id)
-        if shard_id > 0:  # k or v: where this rank's KV heads start in the full tensor
-            start = self.kv_head_start * self.head_dim
-        return offset, size, start
+        offset, size, _ = super().shard_range(shard_id)
+        first_head = self.heads.q_start if shard_id == 0 else self.kv_head_start
+        return offset, size, first_head * self.head_dim
 
 
 class RowParallelLinear(QuantizableLinear):
     """y = x W^T (+ b) with W's input columns split over ranks; partial sums all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPInfo,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str,
+                 input_range: tuple[int, int] | None = None) -> None:
+        """``input_range``: (first input column, columns) of this rank, where the split is not
+        even (attention heads split by ``head_shard``); default ``input_size / tp`` each."""
         super().__init__()
         self.tp = tp
         self.input_size = input_size
-        self.input_shard = _divide(input_size, tp.size, "input size")
+        if input_range is None:
+            shard = _divide(input_size, tp.size, "input size")
+            input_range = (tp.rank * shard, shard)
+        self.input_start, self.input_shard = input_range
         self.weight = _param((output_size, self.input_shard), dtype, device)  # [out, in / tp]
         self.bias = _param((output_size,), dtype, device) if bias else None
         self.weight.weight_loader = self.weight_loader
@@ -201,9 +234,8 @@ class RowParallelLinear(QuantizableLinear):
         self._init_quant()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        start = self.tp.rank * self.input_shard
         _check_full(loaded, 1, self.input_size, "row")
-        _copy(param.data, loaded.narrow(1, start, self.input_shard), "row shard")
+        _copy(param.data, loaded.narrow(1, self.input_start, self.input_shard), "row shard")
 
     def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _copy(param.data, loaded, "row bias")

@@ -18,6 +18,7 @@ from pdserve.models.layers import (MergedColumnParallelLinear, ParallelLMHead, Q
                                    VocabParallelEmbedding, silu_and_mul)
 from pdserve.runtime.attention import AttentionBackend
 from pdserve.runtime.forward import ForwardBatch
+from pdserve.runtime.parallel import DPInfo
 
 # HF checkpoint name part -> (our fused parameter name part, shard id)
 STACKED_PARAMS = (
@@ -38,14 +39,19 @@ class LlamaAttention(nn.Module):
                                           arch.attention_bias, tp, dtype, device)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device)
+        heads = self.qkv_proj.heads
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device,
+                                        input_range=(heads.q_start * arch.head_dim, heads.q_count * arch.head_dim))
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.scale = arch.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), positions, rope, batch, attn))
+        qkv = self.qkv_proj(x)
+        if x.shape[0] == 0:  # a DP attention group with no tokens this step: only the collectives run
+            return self.o_proj(qkv.new_zeros((0, self.q_size)))
+        return self.o_proj(self.attend(qkv, positions, rope, batch, attn))
 
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
@@ -81,9 +87,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPInfo, dtype: torch.dtype, device) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPInfo, dtype: torch.dtype, device,
+                 attn_tp: TPInfo | None = None, dp: DPInfo | None = None) -> None:
+        """``tp`` splits the MLP; ``attn_tp`` (default: ``tp``) the attention; with ``dp`` (DP
+        attention) the MLP runs over every group's tokens, gathered before it and returned after."""
         super().__init__()
-        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device)
+        self.dp = dp or DPInfo()
+        self.self_attn = LlamaAttention(arch, layer_idx, attn_tp or tp, dtype, device)
         self.mlp = LlamaMLP(arch, tp, dtype, device)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
@@ -95,7 +105,10 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, rope, batch, attn)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        if self.dp.size == 1:
+            return self.mlp(x), residual
+        counts = batch.dp_tokens  # tokens of each DP group this step
+        return self.dp.own(self.mlp(self.dp.gather(x, counts)), counts), residual
 
     def forward_gemv(self, residual, positions, rope, batch, attn) -> None:
         """One token through the fused GEMVs (kernels/gemv.py): ``residual [1, H]`` is the
@@ -112,10 +125,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPInfo, dtype: torch.dtype, device, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, tp: TPInfo, dtype: torch.dtype, device, max_positions: int,
+                 attn_tp: TPInfo | None = None, dp: DPInfo | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device) for i in range(arch.num_layers))
+        # DP attention: each group embeds its own tokens, so the table is split like attention
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, attn_tp or tp, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, attn_tp, dp)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                           arch.rope_scaling_dict or None, device)
@@ -135,14 +151,19 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 tp_rank: int = 0, tp_size: int = 1, tp_group=None, max_positions: int | None = None) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, tp_group=None, max_positions: int | None = None,
+                 attn_tp: TPInfo | None = None, dp: DPInfo | None = None) -> None:
+        """``tp_*``: the MLP's tensor parallelism (all of the node's ranks); ``attn_tp``: attention's,
+        the embedding's and the LM head's (default: the same); ``dp``: DP attention groups."""
         super().__init__()
         self.arch = arch
         self.tp = TPInfo(tp_rank, tp_size, tp_group)
+        self.attn_tp = attn_tp or self.tp
+        self.dp = dp or DPInfo()
         max_positions = max(max_positions or 0, arch.max_position_embeddings)
-        self.model = LlamaModel(arch, self.tp, dtype, device, max_positions)
+        self.model = LlamaModel(arch, self.tp, dtype, device, max_positions, self.attn_tp, self.dp)
         shared = self.model.embed_tokens.weight if arch.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, self.tp, dtype, device, shared=shared)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, self.attn_tp, dtype, device, shared=shared)
 
     @property
     def num_local_kv_heads(self) -> int:
@@ -156,8 +177,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, batch, attn)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
+    def compute_logits(self, hidden: torch.Tensor, dp_rows: list[int] | None = None) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32. DP attention: ``dp_rows`` are each group's N, and
+        every rank gets every group's logits rows, in group order."""
+        if self.dp.size > 1:
+            return self.dp.gather(self.lm_head.logits(hidden).float(), dp_rows)
         if self.model.fused_gemv and hidden.shape[0] == 1:
             from pdserve.kernels.gemv import fused_gemv
             logits = torch.empty(1, self.lm_head.weight.shape[0], dtype=torch.float32, device=hidden.device)

@@ -41,6 +41,7 @@ class ForwardBatch:
     logits_idx: torch.Tensor       # [N] token indices whose logits are needed (N = seqs needing them)
     is_decode: bool                # every seq has exactly one new token
     extras: dict = field(default_factory=dict)  # backend-specific metadata (e.g. Triton page tables)
+    dp_tokens: list[int] | None = None  # DP attention: new tokens of every group this step (runtime/parallel.py)
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,9 @@ transfer peers agree on what the bytes mean, not only on their size.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +59,18 @@ class KVLayout:
     @property
     def token_nbytes(self) -> int:
         return self.page_nbytes // self.page_size
+
+
+def _map_shm(path: str, shape: tuple[int, ...], dtype_name: str, *, create: bool) -> torch.Tensor:
+    """A CPU tensor over a shared file in /dev/shm (zero-filled when created)."""
+    nbytes = _itemsize(dtype_name)
+    for n in shape:
+        nbytes *= n
+    if create:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    raw = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    return raw.view(getattr(torch, dtype_name)).view(shape)
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -109,16 +124,44 @@ def fp8_as_fp16(x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 class KVPool:
-    def __init__(self, num_pages: int, layout: KVLayout, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_pages: int, layout: KVLayout, device: torch.device | str = "cpu", *,
+                 shared: bool = False) -> None:
+        """``shared``: a CPU buffer in shared memory, so another process (a tensor-parallel rank)
+        can map it (a CUDA buffer is shared through CUDA IPC as it is)."""
         if num_pages < 1:
             raise ValueError(f"KV pool needs at least one page, got {num_pages}")
         self.layout = layout
         self.num_pages = num_pages
         self.page_size = layout.page_size
-        dtype = getattr(torch, layout.dtype)
-        # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
-        self.buffer = torch.zeros(num_pages, layout.num_layers, 2, layout.page_size,
-                                  layout.num_kv_heads, layout.head_dim, dtype=dtype, device=device)
+        self.shm_path: str | None = None  # shared CPU pools: the /dev/shm file behind the buffer
+        shape = (num_pages, layout.num_layers, 2, layout.page_size, layout.num_kv_heads, layout.head_dim)
+        if shared and torch.device(device).type == "cpu":
+            self.shm_path = f"/dev/shm/pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self.buffer = _map_shm(self.shm_path, shape, layout.dtype, create=True)
+        else:
+            # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+            self.buffer = torch.zeros(shape, dtype=getattr(torch, layout.dtype), device=device)
+
+    @classmethod
+    def from_buffer(cls, buffer: torch.Tensor | str, layout: KVLayout, num_pages: int) -> "KVPool":
+        """A pool over rank 0's allocation (a tensor-parallel rank's): a CUDA tensor opened from
+        its IPC handle, or the path of a shared CPU pool."""
+        shape = (num_pages, layout.num_layers, 2, layout.page_size, layout.num_kv_heads, layout.head_dim)
+        if isinstance(buffer, str):
+            buffer = _map_shm(buffer, shape, layout.dtype, create=False)
+        if tuple(buffer.shape) != shape or str(buffer.dtype).removeprefix("torch.") != layout.dtype:
+            raise ValueError(f"KV buffer {tuple(buffer.shape)} {buffer.dtype} does not match {shape} {layout.dtype}")
+        pool = cls.__new__(cls)
+        pool.layout, pool.num_pages, pool.page_size, pool.shm_path = layout, num_pages, layout.page_size, None
+        pool.buffer = buffer
+        return pool
+
+    def unlink_shm(self) -> None:
+        """Remove the /dev/shm name once every process has mapped it (the memory lives on)."""
+        if self.shm_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.shm_path)
+            self.shm_path = None
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,7 @@ plain ``SeqChunk`` lists and gets logits back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig
+from pdserve.models.layers import HeadShard, head_shard
 from pdserve.runtime.attention import make_attention_backend
 from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk, build_forward_batch
 from pdserve.runtime.kv_pool import KVLayout, KVPool, cache_dtype_name
@@ -75,8 +77,11 @@ def pool_pages(cache: CacheConfig, layout: KVLayout, device: torch.device, conte
     return num_pages
 
 
-def check_kernel_flags(cfg: EngineConfig) -> None:
+def check_kernel_flags(cfg: EngineConfig, role: str = "colocated") -> None:
     """Flags the config tree accepts but this engine cannot honour: a clear error, never silence."""
+    if cfg.parallel.enable_dp_attention and role == "prefill":
+        raise ValueError("--enable-dp-attention: decode and colocated nodes only (a prefill node's chunks are "
+                         "long enough to keep every rank's attention busy under plain --tp)")
     if cfg.kernel.enable_torch_compile:
         raise ValueError("--enable-torch-compile is not supported: decode runs under CUDA graphs, and at batch 1 "
                          "is ~91% fused weight GEMVs at 93% of the copy rate (docs/benchmarks.md); drop the flag")
@@ -119,18 +124,37 @@ def attention_options(cfg: EngineConfig, backend: str, context_length: int) -> d
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, role: str = "colocated") -> None:
+    def __init__(self, cfg: EngineConfig, role: str = "colocated", *, rank: int = 0,
+                 init_method: str | None = None) -> None:
         """``role``: which steps this engine will run, so which CUDA graphs are worth capturing
-        (a decode node never prefills, a prefill node never decodes; colocated: both)."""
+        (a decode node never prefills, a prefill node never decodes; colocated: both).
+
+        ``--tp N``: rank 0 (this constructor, called by the node) starts ranks 1..N-1, each of which
+        builds its own ``ModelRunner(rank=r)`` and then serves rank 0's steps (``serve_rank``)."""
         from pdserve.loader import load_model  # heavy imports stay out of config-only paths
+        from pdserve.runtime.parallel import RankLayout, init_groups
+        from pdserve.runtime.tp_worker import (RankGroup, cpu_threads_per_rank, free_init_method,
+                                               rank_device)
 
         self.cfg = cfg
-        check_kernel_flags(cfg)  # before the (slow) load
-        self.device = resolve_device(cfg.model.device)
+        check_kernel_flags(cfg, role)  # before the (slow) load
+        par = cfg.parallel
+        self.rank_layout = RankLayout(par.tp, par.attn_dp, rank)
+        self.device = rank_device(resolve_device(cfg.model.device), rank)
         torch.manual_seed(cfg.model.random_seed)
-        if cfg.model.cpu_threads is not None:
-            torch.set_num_threads(cfg.model.cpu_threads)
-        self.loaded = load_model(cfg.model, self.device)
+        if cfg.model.cpu_threads is not None or par.tp > 1:
+            torch.set_num_threads(cfg.model.cpu_threads or cpu_threads_per_rank(par.tp))
+        self.ranks = None  # rank 0 of a TP node: its handle on the other ranks
+        if par.tp > 1 and rank == 0:
+            init_method = free_init_method(par.dist_init_addr)
+            self.ranks = RankGroup(cfg, role, par.tp, init_method)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend_name = "nccl" if self.device.type == "cuda" else "gloo"
+        self.groups = init_groups(self.rank_layout, backend_name, init_method or "", par.dist_timeout)
+        if self.ranks is not None:
+            self.ranks.control = self.groups.control
+        self.loaded = load_model(cfg.model, self.device, parallel=self.groups)
         self.model = self.loaded.model
         self.fused_gemv = self._enable_fused_gemv(cfg)
         arch = self.loaded.arch
@@ -139,18 +163,66 @@ class ModelRunner:
         self.layout = KVLayout(num_layers=arch.num_layers, num_kv_heads=self.model.num_local_kv_heads,
                                head_dim=arch.head_dim, page_size=cfg.cache.page_size,
                                dtype=cache_dtype_name(cfg.cache.kv_cache_dtype, self.loaded.dtype))
-        num_pages = pool_pages(cfg.cache, self.layout, self.device, self.context_length)
-        self.pool = KVPool(num_pages, self.layout, self.device)
+        num_pages = self._agree_min(pool_pages(cfg.cache, self.layout, self.device, self.context_length))
+        self.pool, self.rank_pools = self._make_pools(num_pages)
         backend = resolve_attention_backend(cfg, self.device)
         self.attn = make_attention_backend(backend, self.pool, **attention_options(cfg, backend, self.context_length))
         self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed)
         self.graphs = None  # CudaGraphRunner once captured (CUDA + triton, unless --disable-cuda-graph)
         self.prefill_graphs = None  # PrefillGraphRunner (the same conditions, --cuda-graph-max-prefill-tokens > 0)
         if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:
-            self._capture_graphs(cfg, role)
-        log.info("model %s: %d layers, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
-                 cfg.model.model_path, arch.num_layers, num_pages, self.layout.page_size,
+            if self.rank_layout.dp_size > 1:
+                log.info("CUDA graphs off: DP attention steps run eagerly (groups differ in batch size)")
+            else:
+                self._capture_graphs(cfg, role)
+        log.info("model %s: %d layers, rank %d of %d, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
+                 cfg.model.model_path, arch.num_layers, rank, par.tp, num_pages, self.layout.page_size,
                  num_pages * self.layout.page_nbytes / 2**20, backend)
+
+    def _agree_min(self, num_pages: int) -> int:
+        """Every rank's pool gets the same page count (page ids mean the same tokens on all ranks)."""
+        if self.rank_layout.world_size == 1:
+            return num_pages
+        import torch.distributed as dist
+        t = torch.tensor([num_pages], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.groups.control)
+        return int(t.item())
+
+    def _make_pools(self, num_pages: int) -> tuple[KVPool, list[KVPool]]:
+        """This rank's pool, and (rank 0 of a TP node) every rank's: rank 0 allocates them all, in
+        shared memory on CPU or on each rank's device, and hands each worker its own."""
+        import torch.distributed as dist
+        from pdserve.runtime.tp_worker import rank_device, take_pool
+
+        world, rank = self.rank_layout.world_size, self.rank_layout.rank
+        if world == 1:
+            pool = KVPool(num_pages, self.layout, self.device)
+            return pool, [pool]
+        if rank > 0:
+            pool = KVPool.from_buffer(take_pool(self.groups.control, rank), self.layout, num_pages)
+            dist.barrier(group=self.groups.control)
+            return pool, []
+        pools = [KVPool(num_pages, layout, rank_device(self.device, r), shared=True)
+                 for r, layout in enumerate(self.rank_kv_layouts())]
+        self.ranks.hand_over([p.buffer for p in pools[1:]], [p.shm_path for p in pools[1:]])
+        dist.barrier(group=self.groups.control)   # every rank has mapped its pool
+        for p in pools:
+            p.unlink_shm()
+        return pools[0], pools
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.rank_layout.world_size > 1
+
+    def rank_heads(self) -> list[HeadShard]:
+        """The attention heads each rank of this node holds (``head_shard`` over its attention group)."""
+        arch, lay = self.loaded.arch, self.rank_layout
+        return [head_shard(arch.num_heads, arch.num_kv_heads, lay.attn_tp_size, lay.with_rank(r).attn_tp_rank)
+                for r in range(lay.world_size)]
+
+    def rank_kv_layouts(self) -> list[KVLayout]:
+        """Each rank's pool layout (ranks may hold different KV head counts: ``head_shard``)."""
+        return [dataclasses.replace(self.layout, num_kv_heads=h.kv_count) for h in self.rank_heads()]
 
     def _enable_fused_gemv(self, cfg: EngineConfig) -> bool:
         """Batch-1 steps through the fused GEMV kernels on a GPU, unless --disable-fused-gemv."""
@@ -194,18 +266,85 @@ class ModelRunner:
 
         Input ids equal to ``FUTURE_TOKEN`` are the tokens ``prev`` (still in flight) is sampling
         for the same request: they are read from its device tensor, without waiting for it.
+        On a TP node, rank 0 first broadcasts the step (and those tokens) to the other ranks.
         """
+        if self.rank_layout.dp_size > 1:
+            return self.forward_groups([seqs] + [[] for _ in range(self.rank_layout.dp_size - 1)])
         future = future_rows(seqs, prev)
+        tokens = prev.sample.tokens if future else None
+        if self.ranks is not None:
+            from pdserve.runtime.tp_worker import RankStep
+            self.ranks.broadcast(RankStep(groups=[seqs], future=future,
+                                          future_len=0 if tokens is None else int(tokens.shape[0])))
+            with self.ranks.fatal("step"):
+                if tokens is not None:
+                    import torch.distributed as dist
+                    dist.broadcast(tokens, src=0, group=self.groups.world)
+                return self._forward_local(seqs, future, tokens)
+        return self._forward_local(seqs, future, tokens)
+
+    def _forward_local(self, seqs: list[SeqChunk], future: list[tuple[int, int]],
+                       tokens: torch.Tensor | None) -> torch.Tensor:
+        """This rank's share of the step (every rank of a TP node runs it with the same seqs)."""
         if self.graphs is not None and self.graphs.can_run(seqs):
-            return self.graphs.run(seqs, future, prev.sample.tokens if future else None)
+            return self.graphs.run(seqs, future, tokens)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
-            return self.prefill_graphs.run(seqs, future, prev.sample.tokens if future else None)
+            return self.prefill_graphs.run(seqs, future, tokens)
         batch = build_forward_batch(seqs, self.layout.page_size, self.device)
         if future:
-            resolve_future(batch.input_ids, future, prev.sample.tokens)
+            resolve_future(batch.input_ids, future, tokens)
         self.attn.init_batch(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
         return self.model.compute_logits(hidden[batch.logits_idx])
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list[list[SeqChunk]]) -> torch.Tensor:
+        """DP attention: one step of every attention group (``groups[g]``: group g's seqs, each
+        over its own pages); logits of every group's rows, in group order (eager: no CUDA graphs,
+        no overlap)."""
+        if len(groups) != self.rank_layout.dp_size:
+            raise ValueError(f"{len(groups)} step groups for {self.rank_layout.dp_size} DP attention groups")
+        if self.ranks is None:
+            return self._forward_group_local(groups)
+        from pdserve.runtime.tp_worker import RankStep
+        self.ranks.broadcast(RankStep(groups=groups))
+        with self.ranks.fatal("DP attention step"):
+            return self._forward_group_local(groups)
+
+    def _forward_group_local(self, groups: list[list[SeqChunk]]) -> torch.Tensor:
+        own = groups[self.rank_layout.dp_rank]
+        batch = build_forward_batch(own, self.layout.page_size, self.device)
+        batch.dp_tokens = [sum(s.num_new_tokens for s in g) for g in groups]
+        if own:
+            self.attn.init_batch(batch)
+        hidden = self.model.forward(batch.input_ids, batch.positions, batch, self.attn)
+        rows = [sum(s.need_logits for s in g) for g in groups]
+        return self.model.compute_logits(hidden[batch.logits_idx], rows)
+
+    def serve_rank(self) -> None:
+        """Ranks 1..N-1: run rank 0's steps until it says stop."""
+        import torch.distributed as dist
+        from pdserve.runtime.tp_worker import RankShutdown, receive_step
+
+        while True:
+            msg = receive_step(self.groups.control)
+            if isinstance(msg, RankShutdown):
+                log.info("rank %d: %s", self.rank_layout.rank, msg.reason)
+                return
+            with torch.inference_mode():
+                if self.rank_layout.dp_size > 1:
+                    self._forward_group_local(msg.groups)
+                    continue
+                tokens = None
+                if msg.future_len:
+                    tokens = torch.empty(msg.future_len, dtype=torch.int64, device=self.device)
+                    dist.broadcast(tokens, src=0, group=self.groups.world)
+                self._forward_local(msg.groups[0], [tuple(f) for f in msg.future], tokens)
+
+    def close(self) -> None:
+        """Stop the other ranks of a TP node (rank 0; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def launch(self, seqs: list[SeqChunk], reqs: list, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue forward + sampling of ``seqs`` (``reqs[i]`` owns ``seqs[i]``) on the device."""
@@ -215,6 +354,21 @@ class ModelRunner:
             return LaunchedStep(None, [], {})
         sample = self.sampler.launch(logits, [reqs[i] for i in idx])
         return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)})
+
+    def launch_groups(self, steps: list[tuple[list[SeqChunk], list]]) -> list[LaunchedStep]:
+        """DP attention: ``steps[g] = (seqs, reqs)`` of attention group g, run as one forward;
+        one ``LaunchedStep`` per group (sampled on rank 0 from that group's logits rows)."""
+        logits = self.forward_groups([seqs for seqs, _ in steps])
+        out, row = [], 0
+        for seqs, reqs in steps:
+            idx = [i for i, s in enumerate(seqs) if s.need_logits]
+            if not idx:
+                out.append(LaunchedStep(None, [], {}))
+                continue
+            sample = self.sampler.launch(logits[row:row + len(idx)], [reqs[i] for i in idx])
+            row += len(idx)
+            out.append(LaunchedStep(sample, idx, {seqs[i].rid: r for r, i in enumerate(idx)}))
+        return out
 
     def step(self, seqs: list[SeqChunk], reqs: list) -> dict[int, tuple]:
         """Forward ``seqs`` and sample, waiting for the result: ``{i: (token_id, logprob, top)}``
