@@ -1,19 +1,24 @@
 """Decode TPOT and prefill time of pdserve's ModelRunner beside transformers, dummy bf16 weights.
 
-    python scripts/gpu/engine_bench.py                 # H200: Llama-3.1-8B and Llama-3.2-1B shapes (<= 6 min)
+    python scripts/gpu/engine_bench.py                 # one GPU: Llama-3.1-8B and Llama-3.2-1B shapes (<= 6 min)
     python scripts/gpu/engine_bench.py --tiny          # CPU smoke test: a toy Llama, same code path
 
 pdserve: the engine's ``ModelRunner`` (dummy weights from a written config.json, Triton kernels,
 CUDA graphs for decode). Decode: ``--batches`` sequences of ``--ctx`` cached tokens each, steady
 steps of ``runner.forward`` + greedy argmax on the host (what the engine does per step), with
 graphs and eagerly. Reported as ms/step and as a fraction of the HBM floor
-``(weights + batch x ctx x KV/token) / 4.3 TB/s``. Prefill: one sequence of ``--prefill`` tokens,
-ms and MFU (FLOPs / 790 TFLOP/s; FLOPs = 2 x tokens x matmul params + causal attention).
+``(weights + batch x ctx x KV/token) / copy rate``. Prefill: one sequence of ``--prefill`` tokens,
+ms and MFU (FLOPs / matmul rate; FLOPs = 2 x tokens x matmul params + causal attention). Both
+rates are measured on the card at the start of the run (scripts/gpu/floors.py), never assumed.
+Batches are sized from the card's memory: one whose KV pool does not fit (Llama-8B at 256 x 2k on
+an 80 GB H100) runs at the largest graph bucket that does, and its note says so; an out-of-memory
+is a row of its own ("OOM ..."), not a graph-capture failure.
 transformers (same shapes, its own random init; timing does not depend on the values): eager
 forward for prefill, eager decode over a DynamicCache filled to ``ctx``, and a torch.compile'd
 static-cache decode step at batch 1 when the time budget allows (guarded by an alarm).
-Every section is guarded; the table is printed at the end and JSON is written to $OUT (or
---json) after every section, so a timeout keeps what finished.
+Every section is guarded and bounded by its share of ``--budget-s`` (a section over its time is a
+TIMEOUT row); the table is printed at the end and JSON is written to $OUT (or --json) after
+every row, so a timeout keeps what finished.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -36,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floors import (Budget, Deadline, Floors, alarm, classify_failure, failure_note, floors_for,  # noqa: E402
+                    is_capture_failure, plan_batches)
+from floors import decode_floor_ms as _decode_floor_ms  # noqa: E402
+from floors import prefill_floor_ms as _prefill_floor_ms  # noqa: E402
 from pdserve_timing import (make_runner, pdserve_decode_ms, pdserve_engine_decode_ms, pdserve_prefill_ms,  # noqa: E402
                             sync)
-
-HBM_BYTES_PER_S = 4.3e12
-PEAK_FLOPS = 790e12
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -102,8 +107,10 @@ class Report:
     def __init__(self, json_path: Path | None) -> None:
         self.rows: list[Row] = []
         self.errors: list[str] = []
+        self.ooms: list[str] = []
         self.json_path = json_path
         self.meta: dict = {}
+        self.floors: Floors | None = None
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -117,11 +124,22 @@ class Report:
         print(f"  ERROR {msg}", flush=True)
         self.save()
 
+    def failed(self, what: str, exc: BaseException, row: tuple[str, str, str] | None = None) -> None:
+        """A failed row or section: an OOM is a row saying so (and counted apart from errors)."""
+        if row is not None:
+            self.add(Row(*row, None, note=failure_note(exc)))
+        if classify_failure(exc) == "OOM":
+            self.ooms.append(f"{what}: {failure_note(exc)}")
+            print(f"  OOM {what}: {failure_note(exc)}", flush=True)
+            self.save()
+        else:
+            self.error(what)
+
     def save(self) -> None:
         if self.json_path is None:
             return
         data = {"meta": self.meta, "rows": [{**asdict(r), "efficiency": r.efficiency} for r in self.rows],
-                "errors": self.errors}
+                "errors": self.errors, "ooms": self.ooms}
         self.json_path.write_text(json.dumps(data, indent=1))
 
     def print_table(self) -> None:
@@ -130,89 +148,109 @@ class Report:
             ms = "-" if r.ms is None else f"{r.ms:.3f}"
             floor = "" if r.floor_ms is None else f"{r.floor_ms:.3f}"
             print(f"| {r.model} | {r.impl} | {r.case} | {ms} | {floor} | {r.efficiency.strip()} | {r.note} |")
-        if self.errors:
-            print(f"\n{len(self.errors)} section(s) failed (see ERROR lines above)")
+        if self.errors or self.ooms:
+            print(f"\n{len(self.errors)} section(s) failed (see ERROR lines above), {len(self.ooms)} out of memory")
 
 
 @contextmanager
-def guard(report: Report, what: str):
+def guard(report: Report, what: str, row: tuple[str, str, str] | None = None):
+    """One row: a failure is recorded (an OOM as a row of its own) and the next row runs. A
+    section's Deadline is a BaseException and goes through to ``section``."""
     try:
         yield
-    except Exception:  # one failing section must not hide the rest
-        report.error(what)
+    except Exception as e:  # one failing row must not hide the rest
+        report.failed(what, e, row)
     finally:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-class Deadline(Exception):
-    pass
-
-
-@contextmanager
-def alarm(seconds: int):
-    """Raise Deadline in this (main) thread after ``seconds`` (POSIX only; 0 = no limit)."""
-    def fire(signum, frame):
-        raise Deadline(f"over the {seconds} s budget")
-    if seconds <= 0:
-        yield
+def section(report: Report, budget: Budget, what: str, share: float, fn, *args, at_least: float = 0.0) -> None:
+    """Run ``fn(*args)`` within ``share`` of --budget-s (no more than is left): skipped, with a
+    note, when nothing is left; a TIMEOUT row when it runs over."""
+    seconds = budget.section_s(share, at_least)
+    if seconds == 0:
+        report.meta.setdefault("skipped", []).append(f"{what}: {budget.left():.0f} s left of --budget-s")
+        print(f"  {what}: skipped ({budget.left():.0f} s left of --budget-s)", flush=True)
         return
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
     try:
-        yield
+        with alarm(seconds):
+            fn(*args)
+    except Deadline:
+        report.add(Row(what.split()[0], what.split(" ", 1)[-1], "section", None,
+                       note=f"TIMEOUT: over its {seconds} s of --budget-s; later rows of it did not run"))
+    except Exception as e:
+        report.failed(what, e)
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-# -- model arithmetic ---------------------------------------------------------------------------
-def kv_bytes_per_token(cfg: dict, dtype: torch.dtype) -> int:
-    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * dtype.itemsize
-
-
-def param_counts(cfg: dict) -> tuple[int, int, int]:
-    """(matmul params of the layers, embedding params, lm_head params or 0 if tied)."""
-    h, d, inter = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter
-    embed = cfg["vocab_size"] * h
-    return cfg["num_hidden_layers"] * per_layer, embed, 0 if cfg["tie_word_embeddings"] else embed
+# -- floors: scripts/gpu/floors.py, against the rates measured at the start of this run --------------
+FLOORS: list[Floors] = []  # the run's measured floors (set in main)
 
 
 def decode_floor_ms(cfg: dict, dtype: torch.dtype, batch: int, ctx: int) -> float:
-    """Bytes a decode step must read: every layer weight, the LM head (the tied embedding once),
-    norms ignored; plus the KV of every sequence."""
-    layers, embed, head = param_counts(cfg)
-    weights = (layers + (head or embed)) * dtype.itemsize
-    return (weights + batch * ctx * kv_bytes_per_token(cfg, dtype)) / HBM_BYTES_PER_S * 1e3
+    return _decode_floor_ms(cfg, dtype.itemsize, batch, ctx, FLOORS[0])
 
 
 def prefill_floor_ms(cfg: dict, tokens: int) -> float:
-    layers, _, _ = param_counts(cfg)
-    attn = 2 * tokens * tokens * cfg["num_attention_heads"] * cfg["head_dim"] * cfg["num_hidden_layers"]  # causal
-    head = 2 * cfg["vocab_size"] * cfg["hidden_size"]  # logits of the last token
-    return (2 * tokens * layers + attn + head) / PEAK_FLOPS * 1e3
+    return _prefill_floor_ms(cfg, tokens, FLOORS[0])
 
 
 # -- pdserve (timing in pdserve_timing.py) -------------------------------------------------------
+def sized_batches(report: Report, name: str, batches: list[int], tokens_per_seq: int, dtype: torch.dtype,
+                  impl: str) -> list[tuple[int, str]]:
+    """(batch, note) to run, from the card's memory (floors.plan_batches); a batch nothing fits for
+    is a row saying so."""
+    out = []
+    for plan in plan_batches(ARCHS[name], dtype.itemsize, batches, tokens_per_seq, FLOORS[0].total_bytes):
+        if plan.batch is None:
+            report.add(Row(name, impl, f"decode bs={plan.asked}", None, note=f"does not fit: {plan.note}"))
+        else:
+            out.append((plan.batch, plan.note))
+        if plan.note:
+            print(f"  {name} {impl}: {plan.note}", flush=True)
+    return out
+
+
+def build_runner(report: Report, name: str, model_dir: Path, args, total: int, context_length: int, max_bs: int):
+    """The ModelRunner, or None. A graph-capture failure (an OOM or not) is recorded as a row and
+    the engine is built again without graphs; an OOM of the pool itself leaves nothing to run."""
+    kw = dict(disable_fused_gemv=args.disable_fused_gemv)
+    what = f"runner: pool {total} tokens, graphs to bs={max_bs}"
+    try:
+        return make_runner(model_dir, args.device, args.dtype, total, context_length, max_bs, **kw)
+    except Exception as e:
+        report.failed(f"{name} pdserve runner", e, (name, "pdserve+graph", what))
+        if not is_capture_failure(e):
+            return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    with guard(report, f"{name} pdserve eager runner", (name, "pdserve eager", what)):
+        return make_runner(model_dir, args.device, args.dtype, total, context_length, max_bs,
+                           disable_cuda_graph=True, **kw)
+    return None
+
+
 def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch.dtype) -> None:
     cfg = ARCHS[name]
     page = 16
     pages_per_seq = -(-(args.ctx + args.warmup + args.steps + 1) // page)
-    total = max(max(args.batches) * pages_per_seq * page, max(args.prefill, default=0) + page)
+    batches = sized_batches(report, name, args.batches, pages_per_seq * page, dtype, "pdserve")
+    if not batches:
+        return
+    max_bs = max(b for b, _ in batches)
+    total = max(max_bs * pages_per_seq * page, max(args.prefill, default=0) + page)
     context_length = max(args.ctx + args.warmup + args.steps + page, max(args.prefill, default=0)) + page
     t0 = time.perf_counter()
-    try:
-        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches),
-                             disable_fused_gemv=args.disable_fused_gemv)
-    except RuntimeError:  # graph capture failed: say so, and still measure the eager engine
-        report.error(f"{name} pdserve CUDA graph capture")
-        runner = make_runner(model_dir, args.device, args.dtype, total, context_length, max(args.batches),
-                             disable_cuda_graph=True, disable_fused_gemv=args.disable_fused_gemv)
+    runner = build_runner(report, name, model_dir, args, total, context_length, max_bs)
+    if runner is None:
+        return
     graphs = runner.graphs
-    note = f"load+capture {time.perf_counter() - t0:.1f}s"
+    note = f"load+capture {time.perf_counter() - t0:.1f}s, pool {total} tokens"
     if graphs is not None:
         note += f", graphs {graphs.capture_seconds:.1f}s {graphs.capture_bytes / 2**20:.0f} MiB"
     report.meta[f"{name}/pdserve"] = note
@@ -222,21 +260,24 @@ def bench_pdserve(report: Report, name: str, model_dir: Path, args, dtype: torch
         if use_graphs and graphs is None:
             continue
         runner.graphs = graphs if use_graphs else None
-        for b in args.batches:
-            with guard(report, f"{name} {impl} decode bs={b}"):
-                ms = pdserve_decode_ms(runner, b, args.ctx, args.steps, args.warmup)
-                report.add(Row(name, impl, f"decode bs={b} ctx={args.ctx}", ms,
-                               decode_floor_ms(cfg, dtype, b, args.ctx)))
+        decode_rows(report, name, impl, batches, dtype, args,
+                    lambda b: pdserve_decode_ms(runner, b, args.ctx, args.steps, args.warmup))
     runner.graphs = graphs
     for overlap in (True, False):
         impl = "pdserve engine loop" + (" (overlap)" if overlap else " (sync)")
-        for b in args.batches:
-            with guard(report, f"{name} {impl} decode bs={b}"):
-                ms = pdserve_engine_decode_ms(runner, b, args.ctx, args.steps, args.warmup, overlap)
-                report.add(Row(name, impl, f"decode bs={b} ctx={args.ctx}", ms,
-                               decode_floor_ms(cfg, dtype, b, args.ctx)))
+        decode_rows(report, name, impl, batches, dtype, args,
+                    lambda b: pdserve_engine_decode_ms(runner, b, args.ctx, args.steps, args.warmup, overlap))
     bench_prefill(report, name, runner, args, " (after the decode runs)")
     del runner, graphs
+
+
+def decode_rows(report: Report, name: str, impl: str, batches: list[tuple[int, str]], dtype: torch.dtype, args,
+                time_ms) -> None:
+    """One row per (batch, sizing note): ``time_ms(batch)`` against the floor at that batch."""
+    for b, sizing in batches:
+        case = f"decode bs={b} ctx={args.ctx}"
+        with guard(report, f"{name} {impl} {case}", (name, impl, case)):
+            report.add(Row(name, impl, case, time_ms(b), decode_floor_ms(ARCHS[name], dtype, b, args.ctx), sizing))
 
 
 def host_loop_ms() -> float:
@@ -259,7 +300,7 @@ def bench_prefill(report: Report, name: str, runner, args, label: str) -> None:
             continue
         runner.prefill_graphs = graphs
         for n in args.prefill:
-            with guard(report, f"{name} {impl} prefill {n}{label}"):
+            with guard(report, f"{name} {impl} prefill {n}{label}", (name, impl, f"prefill {n}{label}")):
                 ms, note = pdserve_prefill_ms(runner, n, args.reps)
                 report.add(Row(name, impl, f"prefill {n}{label}", ms, prefill_floor_ms(ARCHS[name], n), note))
     runner.prefill_graphs = prefill_graphs
@@ -354,32 +395,25 @@ def bench_transformers(report: Report, name: str, model_dir: Path, args, dtype: 
     cfg = ARCHS[name]
     model = hf_model(model_dir, device, dtype)
     for n in args.prefill:
-        with guard(report, f"{name} transformers prefill {n}"):
-            report.add(Row(name, "transformers eager", f"prefill {n}", hf_prefill_ms(model, n, args.reps, device),
-                           prefill_floor_ms(cfg, n)))
-    for b in args.hf_batches:
-        with guard(report, f"{name} transformers decode bs={b}"):
-            ms = hf_decode_ms(model, b, args.ctx, args.steps, args.warmup, device)
-            report.add(Row(name, "transformers eager", f"decode bs={b} ctx={args.ctx}", ms,
-                           decode_floor_ms(cfg, dtype, b, args.ctx)))
+        impl, case = "transformers eager", f"prefill {n}"
+        with guard(report, f"{name} {impl} {case}", (name, impl, case)):
+            report.add(Row(name, impl, case, hf_prefill_ms(model, n, args.reps, device), prefill_floor_ms(cfg, n)))
+    batches = sized_batches(report, name, args.hf_batches, args.ctx + args.warmup + args.steps, dtype,
+                            "transformers eager")
+    decode_rows(report, name, "transformers eager", batches, dtype, args,
+                lambda b: hf_decode_ms(model, b, args.ctx, args.steps, args.warmup, device))
     del model
 
 
-def bench_compile(report: Report, name: str, model_dir: Path, args, dtype: torch.dtype, deadline: float) -> None:
-    """transformers + torch.compile, batch 1, within what is left of the total budget."""
-    budget = int(min(args.compile_budget_s, deadline - time.perf_counter()))
-    if budget < 60:
-        report.meta[f"{name}/compile"] = f"skipped: {budget} s left of the total budget"
-        print(f"  {name}: torch.compile skipped ({budget} s left)", flush=True)
-        return
+def bench_compile(report: Report, name: str, model_dir: Path, args, dtype: torch.dtype) -> None:
+    """transformers + torch.compile, batch 1 (bounded by its ``section``)."""
     device = torch.device(args.device)
-    with alarm(budget):
-        t0 = time.perf_counter()
-        model = hf_model(model_dir, device, dtype)
-        ms = hf_compiled_decode_ms(model, args.ctx, args.steps, device)
-        report.add(Row(name, "transformers compile", f"decode bs=1 ctx={args.ctx}", ms,
-                       decode_floor_ms(ARCHS[name], dtype, 1, args.ctx),
-                       note=f"static cache, reduce-overhead; compile+run {time.perf_counter() - t0:.0f}s"))
+    t0 = time.perf_counter()
+    model = hf_model(model_dir, device, dtype)
+    ms = hf_compiled_decode_ms(model, args.ctx, args.steps, device)
+    report.add(Row(name, "transformers compile", f"decode bs=1 ctx={args.ctx}", ms,
+                   decode_floor_ms(ARCHS[name], dtype, 1, args.ctx),
+                   note=f"static cache, reduce-overhead; compile+run {time.perf_counter() - t0:.0f}s"))
     del model
 
 
@@ -401,8 +435,12 @@ def parse_args(argv=None):
     p.add_argument("--disable-fused-gemv", action="store_true", help="batch 1 through cuBLAS + separate kernels")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--compile-models", default="llama-3.2-1b,llama-3.1-8b", help="torch.compile section, in order")
-    p.add_argument("--compile-budget-s", type=int, default=120, help="per model, torch.compile section")
-    p.add_argument("--budget-s", type=int, default=330, help="total; compile sections are skipped past it")
+    p.add_argument("--compile-budget-s", type=int, default=120,
+                   help="per model, torch.compile section (within what --budget-s has left; skipped under 60 s)")
+    p.add_argument("--budget-s", type=int, default=330,
+                   help="total for every section; each gets its share of it, never more than is left")
+    p.add_argument("--pdserve-share", type=float, default=0.35, help="of --budget-s, per model's pdserve section")
+    p.add_argument("--hf-share", type=float, default=0.15, help="of --budget-s, per model's transformers section")
     p.add_argument("--json", default=None, help="default: $OUT/engine_bench.json when $OUT is set")
     args = p.parse_args(argv)
     if args.tiny:
@@ -422,32 +460,33 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    deadline = start + args.budget_s
+    budget = Budget(args.budget_s)
     dtype = getattr(torch, args.dtype)
     report = Report(Path(args.json) if args.json else None)
+    FLOORS[:] = [floors_for(args.device, quick=args.tiny)]
+    report.floors = FLOORS[0]
     report.meta.update(device=args.device, dtype=args.dtype, torch=torch.__version__, ctx=args.ctx,
-                       gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                       hbm_tb_s=HBM_BYTES_PER_S / 1e12, peak_tflops=PEAK_FLOPS / 1e12,
+                       **FLOORS[0].meta(), budget_s=args.budget_s,
                        host_loop_ms=host_loop_ms(), fused_gemv=not args.disable_fused_gemv)
-    print(f"engine_bench: {args.device} {args.dtype}, models {args.models}; host: a fixed Python loop takes "
-          f"{report.meta['host_loop_ms']} ms", flush=True)
+    print(f"engine_bench: {args.device} {args.dtype}, models {args.models}; floors measured now: "
+          f"{FLOORS[0].line()}; host: a fixed Python loop takes {report.meta['host_loop_ms']} ms", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             model_dir = write_model_dir(Path(tmp), name)
-            with guard(report, f"{name} pdserve"):
-                bench_pdserve(report, name, model_dir, args, dtype)
+            section(report, budget, f"{name} pdserve", args.pdserve_share, bench_pdserve,
+                    report, name, model_dir, args, dtype)
             if not args.skip_hf:
-                with guard(report, f"{name} transformers"):
-                    bench_transformers(report, name, model_dir, args, dtype)
+                section(report, budget, f"{name} transformers", args.hf_share, bench_transformers,
+                        report, name, model_dir, args, dtype)
         # torch.compile last: its compile time is the least predictable part of the run
         for name in args.compile_models.split(",") if not args.skip_compile and args.device == "cuda" else []:
-            with guard(report, f"{name} transformers compile decode bs=1"):
-                bench_compile(report, name, write_model_dir(Path(tmp), name), args, dtype, deadline)
+            section(report, budget, f"{name} transformers compile", args.compile_budget_s / args.budget_s,
+                    bench_compile, report, name, write_model_dir(Path(tmp), name), args, dtype, at_least=60)
     report.meta["seconds"] = round(time.perf_counter() - start, 1)
     report.print_table()
     report.save()
     print(f"engine_bench: {report.meta['seconds']} s" + (f", JSON in {args.json}" if args.json else ""))
-    return 1 if report.errors else 0
+    return 1 if report.errors or report.ooms else 0
 
 
 if __name__ == "__main__":
