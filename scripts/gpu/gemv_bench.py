@@ -8,6 +8,8 @@ Answers: can --enable-torch-compile (inductor's max-autotune GEMM choice) make t
 87% weight GEMMs, faster? Timed inside a CUDA graph (as the engine decodes), cycling through
 weight copies so no call finds its weight in L2. (A split-K Triton GEMV measured the same way was
 at parity with cuBLAS except the LM head, +3.5%: commit "split-K decode GEMV", removed after.)
+Each rate is also given as a fraction of the copy rate measured on the card at the start
+(scripts/gpu/floors.py), the floor a weight-streaming GEMV can reach.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-HBM = 4.3e12
+from floors import floors_for  # noqa: E402
+
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "lm_head": (4096, 128256)}
 
@@ -57,12 +61,13 @@ def main() -> int:
     ap.add_argument("--fused", action="store_true",
                     help="pdserve.kernels.gemv: tiling sweep per shape, then a layer's GEMM chain fused vs unfused")
     args = ap.parse_args()
+    copy_tb_s = floors_for("cuda").copy_tb_s  # printed once: "floors: ..."
     if args.fused:
         from gemv_fused_bench import fused_main
         return fused_main(SHAPES, gpu_us)
     if args.blas_variants:
-        return blas_variants([int(x) for x in args.batches.split(",")])
-    print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'compiled us':>12} {'TB/s':>6}")
+        return blas_variants([int(x) for x in args.batches.split(",")], copy_tb_s)
+    print(f"{'shape':<8} {'batch':>5} {'cuBLAS us':>10} {'TB/s':>6} {'of copy':>7} {'compiled us':>12} {'TB/s':>6}")
     for b in (int(x) for x in args.batches.split(",")):
         for name, (k, n) in SHAPES.items():
             nbytes = n * k * 2
@@ -77,16 +82,17 @@ def main() -> int:
                     comp = gpu_us(lambda w: f(x, w), ws)
                 except Exception as e:  # noqa: BLE001
                     print(f"  compile failed for {name}: {type(e).__name__}: {e}", file=sys.stderr)
-            print(f"{name:<8} {b:>5} {eager:>10.1f} {nbytes / eager / 1e6:>6.2f} {comp:>12.1f} "
-                  f"{nbytes / comp / 1e6:>6.2f}", flush=True)
+            print(f"{name:<8} {b:>5} {eager:>10.1f} {nbytes / eager / 1e6:>6.2f} "
+                  f"{nbytes / eager / 1e6 / copy_tb_s:>7.1%} {comp:>12.1f} {nbytes / comp / 1e6:>6.2f}", flush=True)
             del ws
     return 0
 
 
-def blas_variants(batches: list[int]) -> int:
+def blas_variants(batches: list[int], copy_tb_s: float) -> int:
     """The same GEMMs through the library paths torch offers: is any faster at batch 1 than the
     engine's ``F.linear`` (cuBLAS, x W^T)?"""
-    print(f"{'shape':<8} {'batch':>5} {'cuBLAS':>8} {'cuBLASLt':>9} {'W @ x^T':>8}  (us; TB/s)")
+    print(f"{'shape':<8} {'batch':>5} {'cuBLAS':>8} {'cuBLASLt':>9} {'W @ x^T':>8}  (us; TB/s; of the measured "
+          f"{copy_tb_s:.2f} TB/s copy)")
     for b in batches:
         for name, (k, n) in SHAPES.items():
             nbytes = n * k * 2
@@ -99,7 +105,7 @@ def blas_variants(batches: list[int]) -> int:
             torch.backends.cuda.preferred_blas_library("cublas")
             xt = x.t().contiguous()
             times.append(gpu_us(lambda w: torch.mm(w, xt), ws))
-            cells = "  ".join(f"{t:6.1f} {nbytes / t / 1e6:4.2f}" for t in times)
+            cells = "  ".join(f"{t:6.1f} {nbytes / t / 1e6:4.2f} {nbytes / t / 1e6 / copy_tb_s:4.0%}" for t in times)
             print(f"{name:<8} {b:>5}  {cells}", flush=True)
             del ws
     return 0

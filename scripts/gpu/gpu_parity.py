@@ -18,10 +18,12 @@ step replays a prefill graph, padded to its token bucket). Checks:
    margin under --tie-margin x std count as ties, reported separately);
 3. graph vs eager: the same prefill and decode steps run without CUDA graphs give the same tokens.
 
-Exit status 1 on any non-tie disagreement, a relative logit error over --rtol, or a crash (fp32);
-16-bit runs also measure their tolerance (``add_baselines``: transformers with eager attention
-against transformers with SDPA, and both engines against transformers in fp32) and are judged
-by it (``verdict``).
+Exit status 1 on any non-tie disagreement, a relative logit error over --rtol, greedy tokens that
+differ from transformers', or a crash (fp32); 16-bit runs also measure their tolerance
+(``add_baselines``: transformers with eager attention against transformers with SDPA, and both
+engines against transformers in fp32) and are judged by it, and the same model is checked again
+in fp32, where greedy tokens must equal transformers' (``verdict``; ``--skip-fp32`` leaves it out).
+The 16-bit run's top-1 agreement with transformers (teacher-forced) is reported beside it.
 JSON to $OUT/gpu_parity.json when $OUT is set.
 """
 
@@ -136,7 +138,8 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor, tie_margin: float) -> 
         margin = float(ref[pos, ref_top[pos]] - ref[pos, ours_top[pos]])  # how much HF prefers its own pick
         (ties if margin < tie_margin * scale else real).append({"pos": pos, "margin": round(margin, 4)})
     return {"max_abs_diff": float(f"{diff:.3g}"), "logit_std": float(f"{scale:.3g}"), "rel_diff": float(f"{diff / scale:.3g}"),
-            "top1_agree": round(1 - len(disagree) / ours.shape[0], 4), "ties": ties, "disagreements": real}
+            "top1_agree": round(1 - len(disagree) / ours.shape[0], 4), "positions": int(ours.shape[0]),
+            "ties": ties, "disagreements": real}
 
 
 def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.dtype) -> dict:
@@ -151,12 +154,13 @@ def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.
     sizes = dict(total_tokens=len(prompts) * (ctx + 16), context_length=ctx, cuda_graph_max_bs=8,
                  attention_backend=args.attention_backend)
     capture_error = None
+    dtype_name = str(dtype).removeprefix("torch.")
     try:
-        runner = make_runner(model_dir, args.device, args.dtype, **sizes)
+        runner = make_runner(model_dir, args.device, dtype_name, **sizes)
     except RuntimeError as e:  # graph capture failed: report it, still check the eager engine
         traceback.print_exc()
         capture_error = str(e)
-        runner = make_runner(model_dir, args.device, args.dtype, disable_cuda_graph=True, **sizes)
+        runner = make_runner(model_dir, args.device, dtype_name, disable_cuda_graph=True, **sizes)
     runner.model.load_weights(weights.items())  # in place: captured graphs keep reading these tensors
     if device.type == "cpu" and args.attention_backend == "triton":  # CPU: the graph path, run eagerly
         from pdserve.runtime.cuda_graph import CudaGraphRunner
@@ -167,7 +171,8 @@ def check_model(name: str, args, root: Path, device: torch.device, dtype: torch.
             graphs.capture()
     ours, our_logits = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=True)
     eager, _ = pdserve_generate(runner, prompts, args.new_tokens, use_graphs=False)
-    result = {"model": name, "layers": config["num_hidden_layers"], "graphs": runner.graphs is not None,
+    result = {"model": name, "dtype": dtype_name, "layers": config["num_hidden_layers"],
+              "graphs": runner.graphs is not None,
               "emulated": bool(runner.graphs is not None and runner.graphs.emulate), "capture_error": capture_error,
               "graph_vs_eager_tokens_equal": ours == eager, "prompts": []}
     del runner
@@ -223,13 +228,16 @@ def verdict(result: dict, rtol: float) -> list[str]:
     baselines: the tolerance is what was measured on the same weights, i.e. pdserve may differ from
     transformers by as much as transformers differs from itself (eager vs SDPA attention), and must
     be as close to the fp32 logits as transformers' 16-bit run is (within 25%)."""
-    problems = []
+    problems = [f"fp32: {p}" for p in verdict(result["fp32"], rtol)] if "fp32" in result else []
     if result["capture_error"]:
         problems.append(f"CUDA graph capture failed: {result['capture_error'][:300]}")
     if not result["graph_vs_eager_tokens_equal"]:
         problems.append("graph and eager decode disagree")
     for p in result["prompts"]:
         name, base = f"prompt {p['prompt_len']}", p.get("baselines")
+        if result.get("dtype") == "float32" and not p["greedy_equal"]:
+            problems.append(f"{name}: greedy token {p['first_diff']} differs from transformers "
+                            f"(HF top-2 margin there {p['hf_margin_at_first_diff']})")
         if base is None:
             if p["disagreements"]:
                 problems.append(f"{name}: top-1 differs (not a tie) at {p['disagreements'][:3]}")
@@ -246,16 +254,31 @@ def verdict(result: dict, rtol: float) -> list[str]:
     return problems
 
 
+def top1_summary(result: dict) -> str:
+    """Top-1 agreement with transformers over every generated position (teacher-forced), and the
+    fp32 check's greedy equality, in one line."""
+    positions = sum(p["positions"] for p in result["prompts"])
+    agree = sum(round(p["top1_agree"] * p["positions"]) for p in result["prompts"])
+    ties = sum(len(p["ties"]) for p in result["prompts"])
+    line = (f"{result['dtype']} top-1 agreement with transformers: {agree}/{positions} = {agree / positions:.1%} "
+            f"({ties} of the misses near-ties)")
+    if "fp32" in result:
+        fp32 = result["fp32"]["prompts"]
+        line += f"; fp32 greedy tokens equal to transformers: {sum(p['greedy_equal'] for p in fp32)}/{len(fp32)} prompts"
+    return line
+
+
 def print_result(result: dict, problems: list[str]) -> None:
     graphs = "off" if not result["graphs"] else "emulated" if result["emulated"] else "on"
     print(f"\n{result['model']} ({result['layers']} layers, CUDA graphs {graphs}; "
           f"graph == eager tokens: {result['graph_vs_eager_tokens_equal']})")
-    print("| prompt | greedy equal | first diff (HF margin) | max |dlogit| | / std | top-1 agree | ties |")
-    print("|---|---|---|---|---|---|---|")
-    for p in result["prompts"]:
-        diff = "-" if p["first_diff"] is None else f"{p['first_diff']} ({p['hf_margin_at_first_diff']})"
-        print(f"| {p['prompt_len']} | {p['greedy_equal']} | {diff} | {p['max_abs_diff']} | {p['rel_diff']} | "
-              f"{p['top1_agree']:.1%} | {len(p['ties'])} |")
+    print("| dtype | prompt | greedy equal | first diff (HF margin) | max |dlogit| | / std | top-1 agree | ties |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in (result, result.get("fp32")):
+        for p in run["prompts"] if run else []:
+            diff = "-" if p["first_diff"] is None else f"{p['first_diff']} ({p['hf_margin_at_first_diff']})"
+            print(f"| {run['dtype']} | {p['prompt_len']} | {p['greedy_equal']} | {diff} | {p['max_abs_diff']} | "
+                  f"{p['rel_diff']} | {p['top1_agree']:.1%} | {len(p['ties'])} |")
     if any("baselines" in p for p in result["prompts"]):
         print("bf16 baselines (teacher-forced over pdserve's tokens; / std of the fp32 logits):")
         print("| prompt | HF eager vs HF sdpa: first token diff | / std | pdserve vs HF fp32 | HF bf16 vs HF fp32 |"
@@ -266,6 +289,7 @@ def print_result(result: dict, problems: list[str]) -> None:
             print(f"| {p['prompt_len']} | {b['hf_eager_vs_sdpa_first_diff']} | {b['hf_eager_vs_sdpa_rel_diff']} | "
                   f"{b['ours_vs_fp32_rel_diff']} | {b['hf_vs_fp32_rel_diff']} | {b['ours_top1_vs_fp32']:.1%} | "
                   f"{b['hf_top1_vs_fp32']:.1%} |")
+    print(top1_summary(result))
     print("PASS" if not problems else "FAIL: " + "; ".join(problems), flush=True)
 
 
@@ -288,6 +312,8 @@ def parse_args(argv=None):
                    help="--tiny on CPU: triton (interpreter) + the graph runner's padded path, run eagerly")
     p.add_argument("--skip-baselines", action="store_true",
                    help="16-bit runs: skip transformers eager-attention and fp32 runs (the bf16 noise baselines)")
+    p.add_argument("--skip-fp32", action="store_true",
+                   help="16-bit runs: skip the fp32 check (pdserve's greedy tokens equal to transformers' in fp32)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.tiny:
@@ -313,6 +339,8 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             try:
                 result = check_model(name, args, Path(tmp), device, dtype)
+                if dtype != torch.float32 and not args.skip_fp32:
+                    result["fp32"] = check_model(name, args, Path(tmp), device, torch.float32)
                 problems = verdict(result, args.rtol)
                 print_result(result, problems)
                 result["problems"] = problems

@@ -5,7 +5,8 @@ overhead (Python checks, launches) is excluded, as it is when the decode step ru
 CUDA graph in the server. Decode cycles through disjoint page tables covering a 2 GiB pool
 layer, so K/V always stream from HBM, never from the 50 MB L2. On CPU (``--tiny``) one eager
 call is timed by wall clock: those numbers only prove the code path runs.
-Peaks: 4.3 TB/s copy and 790 TFLOP/s bf16 matmul (measured on this H200, docs/design.md).
+Peaks: the copy rate and bf16 matmul rate measured on this card at the first benchmark
+(scripts/gpu/floors.py), not a datasheet's or another card's.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ import time
 
 import torch
 
+from floors import floors_for
 from kernels_check import Results, Shapes, _page_table, _pool_views
 
-PEAK_GBPS = 4300.0
-PEAK_TFLOPS = 790.0
+
+def peak_gbps() -> float:
+    """The copy rate measured on this device (read + write), GB/s."""
+    return floors_for(torch.device("cuda" if torch.cuda.is_available() else "cpu")).copy_bytes_per_s / 1e9
+
+
+def peak_tflops() -> float:
+    """The matmul rate measured on this device (bf16 on a GPU), TFLOP/s."""
+    return floors_for(torch.device("cuda" if torch.cuda.is_available() else "cpu")).matmul_tflops
 
 
 def gpu_time_us(fn, reps: int = 8, replays: int = 5) -> float:
@@ -129,13 +138,14 @@ def bench_decode(res: Results, sh: Shapes, device) -> None:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else None
     print(f"\n== paged decode attention: {sh.num_q_heads}q/{sh.num_kv_heads}kv heads, D={sh.head_dim}, "
           f"page {sh.page_size}, ctx {sh.bench_ctx}, bf16, splits as the engine picks them (max 32) ==")
-    print(f"  {'batch':>5} {'splits':>6} {'us/layer':>10} {'GB/s':>8} {'% of 4.3 TB/s':>14}")
+    print(f"  {'batch':>5} {'splits':>6} {'us/layer':>10} {'GB/s':>8} {'% of copy':>10}  (copy measured: "
+          f"{peak_gbps():.0f} GB/s)")
     before = None
     for b in sh.bench_batches:
         splits = kv_splits_for(b, sh.num_kv_heads, 32, sms)
         us, gbps = bench.measure(b, splits)
         before = _compiled_variants(mod._decode_split_kernel) if before is None else before
-        print(f"  {b:>5} {splits:>6} {us:>10.1f} {gbps:>8.0f} {100 * gbps / PEAK_GBPS:>13.1f}%", flush=True)
+        print(f"  {b:>5} {splits:>6} {us:>10.1f} {gbps:>8.0f} {100 * gbps / peak_gbps():>9.1f}%", flush=True)
     after = _compiled_variants(mod._decode_split_kernel)
     if after is not None:
         res.flag("decode: no recompile across batch sizes (one variant per split count)", after <= before + 3,
@@ -198,14 +208,15 @@ def _sdpa_us(q, k, v) -> str:
 def bench_extend(res: Results, sh: Shapes, device) -> None:
     from pdserve.kernels.extend_attention import extend_attention
     print("\n== extend attention (one sequence, causal), bf16, default blocks ==")
-    print(f"  {'new':>5} {'prefix':>6} {'us':>9} {'TFLOP/s':>8} {'% of 790':>9} {'torch sdpa us':>14}")
+    print(f"  {'new':>5} {'prefix':>6} {'us':>9} {'TFLOP/s':>8} {'% of peak':>9} {'torch sdpa us':>14}  (matmul "
+          f"measured: {peak_tflops():.0f} TFLOP/s)")
     for new, prefix in sh.bench_extend:
         args = _extend_inputs(sh, new, prefix, device)
         out = torch.empty_like(args[0])
         us = gpu_time_us(lambda: extend_attention(*args, new, sh.head_dim ** -0.5, out=out))
         tf = _extend_tflops(sh, new, prefix, us)
         sdpa = _sdpa_us(*args[:3]) if prefix == 0 else "-"
-        print(f"  {new:>5} {prefix:>6} {us:>9.1f} {tf:>8.1f} {100 * tf / PEAK_TFLOPS:>8.1f}% {sdpa:>14}", flush=True)
+        print(f"  {new:>5} {prefix:>6} {us:>9.1f} {tf:>8.1f} {100 * tf / peak_tflops():>8.1f}% {sdpa:>14}", flush=True)
     new, prefix = max(sh.bench_extend)
     args = _extend_inputs(sh, new, prefix, device)
     out = torch.empty_like(args[0])

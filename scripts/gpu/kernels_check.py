@@ -1,12 +1,13 @@
 """One-shot GPU check of every pdserve kernel, then a benchmark of the attention kernels.
 
-    python scripts/gpu/kernels_check.py            # H200: Llama-3.1-8B shapes, bf16 (~2-3 min)
+    python scripts/gpu/kernels_check.py            # one GPU: Llama-3.1-8B shapes, bf16 (~2-3 min)
     python scripts/gpu/kernels_check.py --tiny     # CPU (Triton interpreter) or GPU, tiny shapes
 
 Part 1 runs each kernel against its plain-torch reference (and TritonAttention against
 TorchAttention through build_forward_batch, and FlashInferAttention if flashinfer imports).
 Part 2 (scripts/gpu/kernels_bench.py) times paged decode attention (batch 1/8/64/256 at 2k
-context, GB/s vs 4.3 TB/s) and extend attention (1k/4k tokens, TFLOP/s vs 790), plus small
+context, GB/s vs the copy rate measured on the card) and extend attention (1k/4k tokens, TFLOP/s
+vs the measured bf16 matmul rate; both from scripts/gpu/floors.py), plus small
 config sweeps so the defaults can be re-tuned from one run. Every step is guarded: a failure is
 printed and the script goes on. Exit status 1 if any check mismatched or anything crashed.
 """
