@@ -245,6 +245,30 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class GrammarConfig:
+    """Structured output: response_format / tools / regex / ebnf through a token mask."""
+    grammar_backend: str = opt("xgrammar", "Library that compiles grammars and masks logits; none refuses "
+                                           "structured-output requests.", choices=("xgrammar", "none"))
+    constrained_json_whitespace_pattern: str | None = opt(
+        None, "Regex for the whitespace allowed between JSON tokens (e.g. '[\\n\\t ]*'); default: compact "
+              "JSON with ', ' and ': ' separators.")
+
+    def __post_init__(self) -> None:
+        if self.grammar_backend not in ("xgrammar", "none"):
+            raise ValueError(f"--grammar-backend: {self.grammar_backend!r} is not built (xgrammar or none; "
+                             f"outlines and llguidance are not installed)")
+        pattern = self.constrained_json_whitespace_pattern
+        if pattern is not None:
+            import re
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"--constrained-json-whitespace-pattern: not a regex: {exc}") from None
+            _check(self.grammar_backend != "none", "--constrained-json-whitespace-pattern",
+                   "needs a grammar backend (not --grammar-backend none)")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine (colocated, prefill or decode) needs."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -252,6 +276,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    grammar: GrammarConfig = field(default_factory=GrammarConfig)
 
 
 @dataclass(frozen=True)

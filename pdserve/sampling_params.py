@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import msgspec
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "structural_tag", "regex", "ebnf")
+# The request field each kind comes from, for error messages that name it.
+GRAMMAR_FIELDS = {"json_schema": "response_format", "json_object": "response_format", "structural_tag": "tools",
+                  "regex": "regex", "ebnf": "ebnf"}
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What constrains a request's output: ``kind`` and its source text (a JSON schema, an xgrammar
+    structural tag as JSON, a regex or an EBNF grammar; empty for json_object). Nodes compile it
+    (cached by ``(kind, source)``) and mask the logits with it; see ``pdserve.runtime.grammar``."""
+    kind: str
+    source: str = ""
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: float = 1.0
@@ -20,6 +33,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0            # how many alternatives per token (needs logprobs)
+    grammar: GrammarSpec | None = None  # structured output (response_format, tools, regex, ebnf)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise ValueError naming the field for any invalid value; return self."""
@@ -39,6 +53,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             _need(not bad, "stop_token_ids", f"ids out of vocabulary range: {bad[:5]}")
+        if self.grammar is not None:
+            _need(self.grammar.kind in GRAMMAR_KINDS, "grammar",
+                  f"kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.grammar.kind!r}")
+            from pdserve.runtime.grammar import check_grammar  # xgrammar loads only when a request needs it
+            check_grammar(self.grammar)
         return self
 
     @property

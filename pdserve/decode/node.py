@@ -64,6 +64,7 @@ class DecodeNode(ColocatedNode):
     def _expect(self, msg: GenerateReq) -> None:
         try:
             validate_request(msg.input_ids, msg.sampling, self.runner.vocab_size, self.runner.context_length)
+            self.runner.sampler.check_grammar(msg.sampling)
             if msg.prefill_bootstrap is None:
                 raise ValueError("prefill_bootstrap: needed with a transfer id")
             if msg.transfer_id in self.transferring or msg.rid in self.reply_to:

@@ -58,6 +58,7 @@ class PrefillNode(NodeBase):
     def _prefill(self, msg: PrefillReq) -> None:
         try:
             validate_request(msg.input_ids, msg.sampling, self.runner.vocab_size, self.runner.context_length)
+            self.runner.sampler.check_grammar(msg.sampling)
             if pages_for(len(msg.input_ids), self.kv.page_size) > self.kv.num_pages:
                 raise ValueError(f"prompt: {len(msg.input_ids)} tokens exceed this node's KV pool "
                                  f"({self.runner.pool.capacity_tokens} tokens)")

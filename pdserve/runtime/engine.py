@@ -115,6 +115,7 @@ class EngineCore:
 
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         validate_request(prompt_ids, params, self.vocab_size, self.context_length)
+        self.runner.sampler.check_grammar(params)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, eos_token_ids=self.eos_ids,
                       generator=make_generator(params, self.runner.device))
         self.scheduler.add(req)
@@ -167,7 +168,8 @@ class EngineCore:
     def _plan(self, prev: InFlight | None) -> ScheduledStep | None:
         if prev is None:
             return self.scheduler.schedule()
-        if not self.overlap or any(r.params.has_penalties for r in self.scheduler.running):
+        if not self.overlap or any(r.params.has_penalties or r.params.grammar is not None  # need the last token
+                                   for r in self.scheduler.running):
             return None
         return self.scheduler.schedule(allow_retract=False)
 

@@ -18,6 +18,7 @@ from pdserve.models.layers import HeadShard, head_shard
 from pdserve.runtime.attention import make_attention_backend
 from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk, build_forward_batch
 from pdserve.runtime.kv_pool import KVLayout, KVPool, cache_dtype_name
+from pdserve.runtime.grammar import make_grammar_backend
 from pdserve.runtime.sampler import PendingSample, Sampler, to_device
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ class ModelRunner:
         self.pool, self.rank_pools = self._make_pools(num_pages)
         backend = resolve_attention_backend(cfg, self.device)
         self.attn = make_attention_backend(backend, self.pool, **attention_options(cfg, backend, self.context_length))
-        self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed)
+        grammar = make_grammar_backend(cfg.grammar.grammar_backend, lambda: self.tokenizer, self.vocab_size,
+                                       cfg.grammar.constrained_json_whitespace_pattern)
+        self.sampler = Sampler(self.vocab_size, self.device, seed=cfg.model.random_seed, grammar=grammar)
         self.graphs = None  # CudaGraphRunner once captured (CUDA + triton, unless --disable-cuda-graph)
         self.prefill_graphs = None  # PrefillGraphRunner (the same conditions, --cuda-graph-max-prefill-tokens > 0)
         if self.device.type == "cuda" and backend == "triton" and not cfg.kernel.disable_cuda_graph:

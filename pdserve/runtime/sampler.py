@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.protocol import TokenLogprob
+from pdserve.runtime.grammar import GrammarBackend
 from pdserve.runtime.request import Request
+from pdserve.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 
 @dataclass
@@ -72,10 +74,21 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0,
+                 grammar: GrammarBackend | None = None) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.grammar = grammar   # None: --grammar-backend none (structured-output requests refused)
+
+    def check_grammar(self, params: SamplingParams) -> None:
+        """At admission: ValueError naming the field if this sampler cannot constrain ``params``."""
+        if params.grammar is None:
+            return
+        if self.grammar is None:
+            raise ValueError(f"{GRAMMAR_FIELDS.get(params.grammar.kind, 'grammar')}: structured output is off "
+                             f"on this node (--grammar-backend none)")
+        self.grammar.check(params)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleOutput:
         """logits ``[N, V]`` (any float dtype; padded vocab is cut) -> one token per request."""
@@ -85,6 +98,9 @@ class Sampler:
         """Queue the draw for ``logits [N, V]``; see ``PendingSample``."""
         logits = logits[:, :self.vocab_size].float()
         raw_lp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in reqs) else None  # [N, V]
+        if self.grammar is not None and any(r.params.grammar is not None for r in reqs):
+            logits = logits.contiguous()
+            self.grammar.mask_logits(logits, reqs)   # forbidden tokens -> -inf (grammar rows only)
         logits = self._apply_penalties(logits, reqs)
         tokens = self._draw(logits, reqs)
         chosen = top = None
