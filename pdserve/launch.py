@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from pdserve.config import (EngineConfig, ModelConfig, NodeConfig, RouterConfig, TransferConfig, add_config_args,
-                            config_from_args, flag_name, opt)
+from pdserve.config import (EngineConfig, ModelConfig, NodeConfig, ParallelConfig, RouterConfig, TransferConfig,
+                            add_config_args, config_from_args, flag_name, opt)
 from pdserve.redis_server import RedisServer, die_with_parent
 from pdserve.router.server import ROUTER_MODEL_FIELDS
 
@@ -44,6 +44,11 @@ class LaunchConfig:
     demo: str | None = opt(None, "Ask this question once the server is up (openai client), print the answer.")
     demo_max_tokens: int = opt(64, "Most tokens of the --demo answer.")
     startup_timeout_s: float = opt(600.0, "Give up if the router is not healthy after this long.")
+    prefill_tp: int | None = opt(None, "--tp of the prefill nodes (default: --tp).")
+    decode_tp: int | None = opt(None, "--tp of the decode nodes (default: --tp); may differ from the prefill "
+                                      "nodes': the KV transfer maps heads between the two layouts.")
+    decode_dp: int | None = opt(None, "DP attention groups on the decode nodes (--dp with --enable-dp-attention "
+                                      "there; must divide their --tp).")
 
     def __post_init__(self) -> None:
         for name in ("prefill", "decode", "colocated"):
@@ -53,6 +58,22 @@ class LaunchConfig:
             raise ValueError("--prefill/--decode: need at least one of each (or --colocated K)")
         if self.startup_timeout_s <= 0:
             raise ValueError("--startup-timeout-s: must be positive")
+        for name in ("prefill_tp", "decode_tp", "decode_dp"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+
+    def parallel_for(self, role: str, base: ParallelConfig) -> ParallelConfig:
+        """The ParallelConfig of a node of ``role`` (errors name this launcher's flags)."""
+        tp = {"prefill": self.prefill_tp, "decode": self.decode_tp}.get(role) or base.tp
+        dp, dp_attn = base.dp, base.enable_dp_attention
+        if role == "decode" and self.decode_dp is not None:
+            dp, dp_attn = self.decode_dp, self.decode_dp > 1
+        elif role == "prefill":
+            dp, dp_attn = 1, False   # DP attention is a decode-side layout
+        try:
+            return dataclasses.replace(base, tp=tp, dp=dp, enable_dp_attention=dp_attn)
+        except ValueError as exc:
+            raise ValueError(f"--{role}-tp/--{role}-dp: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,24 +144,28 @@ class Launcher:
             say(f"redis at {self.registry_url}")
         model_path = self._resolve_model()
         devices = gpu_devices()
-        per_node = self.engine.parallel.tp * self.engine.parallel.dp
         roles = ([("colocated", "serve")] * self.launch.colocated if self.launch.colocated else
                  [("prefill", "prefill")] * self.launch.prefill + [("decode", "decode")] * self.launch.decode)
+        parallel = {role: self.launch.parallel_for(role, self.engine.parallel) for role, _ in roles}
         if not devices and self.engine.model.cpu_threads is None:
-            # CPU nodes sharing one machine: each gets its share of the cores. Two torch processes
+            # CPU nodes sharing one machine: each rank gets its share of the cores. Two torch processes
             # of 2 threads each on 2 cores spin against each other (OpenMP busy-waits) and a step
             # can take many times longer than with one thread each.
-            share = max(1, (os.cpu_count() or 1) // len(roles))
+            share = max(1, (os.cpu_count() or 1) // sum(parallel[role].tp for role, _ in roles))
             self.engine = dataclasses.replace(self.engine,
                                               model=dataclasses.replace(self.engine.model, cpu_threads=share))
         counts: dict[str, int] = {}
-        for slot, (role, command) in enumerate(roles):
+        first_device = 0
+        for role, command in roles:
             index = counts[role] = counts.get(role, -1) + 1
             env = dict(os.environ)
+            ranks = parallel[role].tp   # one device per rank
             if devices:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[(slot * per_node + k) % len(devices)]
-                                                       for k in range(per_node))
-            self._spawn(f"{role}-{index}", [command, *self.node_argv(model_path), "--node-id", f"{role}-{index}"], env)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[(first_device + k) % len(devices)] for k in range(ranks))
+                first_device += ranks
+            engine = dataclasses.replace(self.engine, parallel=parallel[role])
+            self._spawn(f"{role}-{index}", [command, *self.node_argv(model_path, engine),
+                                            "--node-id", f"{role}-{index}"], env)
         self._spawn("router", ["router", *self.router_argv(model_path)], dict(os.environ))
         self._write_process_table()
         say(f"started {len(roles)} node(s) and the router; logs in {self.log_dir}")
@@ -151,8 +176,9 @@ class Launcher:
         m = self.engine.model
         return resolve_model_path(m.model_path, m.download_dir, m.revision)
 
-    def node_argv(self, model_path: str) -> list[str]:
-        engine = dataclasses.replace(self.engine, model=dataclasses.replace(self.engine.model, model_path=model_path))
+    def node_argv(self, model_path: str, engine: EngineConfig | None = None) -> list[str]:
+        engine = engine or self.engine
+        engine = dataclasses.replace(engine, model=dataclasses.replace(engine.model, model_path=model_path))
         return [*config_argv(engine), *config_argv(self.transfer), *config_argv(self.node_cfg, skip=PER_NODE_FIELDS),
                 "--registry-url", self.registry_url, "--host", self.node_host, "--log-level", self.log_level]
 
@@ -274,7 +300,10 @@ def launcher_from_args(args: argparse.Namespace) -> "Launcher":
     launch = config_from_args(LaunchConfig, values)
     if launch.colocated and ("prefill" in values or "decode" in values):
         raise ValueError("--colocated: start either colocated nodes or prefill/decode nodes, not both")
-    return Launcher(launch, config_from_args(RouterConfig, values), config_from_args(EngineConfig, values),
+    engine = config_from_args(EngineConfig, values)
+    for role in ("colocated",) if launch.colocated else ("prefill", "decode"):
+        launch.parallel_for(role, engine.parallel)   # each role's layout is valid before anything starts
+    return Launcher(launch, config_from_args(RouterConfig, values), engine,
                     config_from_args(TransferConfig, values), config_from_args(NodeConfig, values), args.log_level)
 
 

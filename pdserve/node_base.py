@@ -20,10 +20,12 @@ import msgspec
 import zmq
 
 from pdserve.config import ServerConfig, add_config_args, config_from_args
-from pdserve.protocol import (LoadReport, NodeInfo, NodeMessage, NodeStats, StatsReq, decode_node_message,
-                              encode)
+from pdserve.protocol import (EmbedOut, EmbedReq, GenerateReq, LoadReport, NodeInfo, NodeMessage, NodeStats, StatsReq,
+                              TokenOut, decode_node_message, encode)
+from pdserve.runtime.embedding import Embedder
 from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.model_runner import ModelRunner
+from pdserve.runtime.watchdog import Watchdog, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ class NodeBase:
     def __init__(self, cfg: ServerConfig, runner: ModelRunner | None = None) -> None:
         self.cfg = cfg
         self.runner = runner or ModelRunner(cfg.engine, role=cfg.role)
+        model = cfg.engine.model
+        self.embedder = (Embedder(self.runner, model.embedding_pooling, cfg.engine.scheduler.max_prefill_tokens)
+                         if model.is_embedding else None)
         self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         host = cfg.node.host
@@ -88,7 +93,7 @@ class NodeBase:
                         fingerprint=r.fingerprint, dtype=r.layout.dtype, page_size=r.layout.page_size,
                         context_length=r.context_length, vocab_size=r.vocab_size, tp=self.cfg.engine.parallel.tp,
                         dp=self.cfg.engine.parallel.dp, max_total_tokens=r.pool.capacity_tokens,
-                        started_at=self.started_at)
+                        started_at=self.started_at, is_embedding=self.embedder is not None)
 
     def load_report(self) -> LoadReport:
         return LoadReport(node_id=self.node_id, timestamp=time.time(), **self.load())
@@ -109,22 +114,46 @@ class NodeBase:
             if isinstance(msg, StatsReq):
                 self.send(msg.reply_to, NodeStats(node_id=self.node_id, role=self.role,
                                                   cached_pages=self.cached_pages(), **self.load()))
+            elif isinstance(msg, EmbedReq) or (self.embedder is not None and isinstance(msg, GenerateReq)):
+                self._embed_or_refuse(msg)
             else:
                 self.handle(msg)
 
+    def _embed_or_refuse(self, msg: EmbedReq | GenerateReq) -> None:
+        """Embeddings on an --is-embedding node; generation there (or embeddings elsewhere) is a 400."""
+        if isinstance(msg, GenerateReq):
+            self.send(msg.reply_to, TokenOut(rid=msg.rid, token_ids=[], finish_reason="error", error_code=400,
+                                             error="this node serves embeddings only (--is-embedding)"))
+        elif self.embedder is None:
+            self.send(msg.reply_to, EmbedOut(rid=msg.rid, error_code=400,
+                                             error="this node does not serve embeddings (start it with --is-embedding)"))
+        else:
+            self.send(msg.reply_to, self.embedder.handle(msg, self.kv))
+
     def serve_forever(self) -> None:
+        serving = self.cfg.engine.serving
+        if not serving.skip_server_warmup:
+            warm_up(self.runner, self.kv)
         registrar = self._start_registrar()
+        watchdog = Watchdog(serving.watchdog_timeout, on_stuck=lambda _: registrar and registrar.stop()).start()
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         info = self.node_info()
         print("READY " + json.dumps(msgspec.to_builtins(info)), flush=True)
-        busy = False
+        busy, steps_since_drain = False, 0
+        steps_per_drain = self.cfg.engine.scheduler.num_continuous_decode_steps
         try:
             while self._running:
-                self._drain(0 if busy else IDLE_POLL_MS)
-                busy = self.tick()
+                if not busy or steps_since_drain >= steps_per_drain:  # --num-continuous-decode-steps
+                    self._drain(0 if busy else IDLE_POLL_MS)
+                    steps_since_drain = 0
+                self.runner.check_ranks()   # a dead TP rank stops the node (RankLost), idle or not
+                with watchdog.step():
+                    busy = self.tick()
+                steps_since_drain += 1
         except KeyboardInterrupt:
             pass
         finally:
+            watchdog.stop()
             if registrar is not None:
                 registrar.stop()
             self.close()
@@ -145,6 +174,7 @@ class NodeBase:
         for sock in self._push.values():
             sock.close(linger=200)
         self.pull.close(linger=0)
+        self.runner.close()   # a TP node's other ranks
 
 
 def run_node(node_cls: type[NodeBase], role: str, argv: list[str]) -> int:

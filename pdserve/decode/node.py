@@ -26,6 +26,7 @@ from pdserve.runtime.engine import make_generator, take_delta, validate_request
 from pdserve.runtime.kv_manager import pages_for
 from pdserve.runtime.request import Request
 from pdserve.transfer import KVReceiver, TransferDone, TransferFailed
+from pdserve.transfer.pools import PoolSet
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class DecodeNode(ColocatedNode):
 
     def __init__(self, cfg, runner=None) -> None:
         super().__init__(cfg, runner)
-        self.receiver = KVReceiver(self.runner.pool, self.runner.fingerprint, cfg.transfer, cfg.node.host)
+        self.receiver = KVReceiver(PoolSet.of_runner(self.runner), self.runner.fingerprint, cfg.transfer,
+                                   cfg.node.host)
         self.prealloc: deque[DecodeJob] = deque()
         self.transferring: dict[str, DecodeJob] = {}   # transfer_id -> job
 

@@ -22,6 +22,7 @@ from pdserve.runtime.engine import make_generator, validate_request
 from pdserve.runtime.kv_manager import KVManager, pages_for
 from pdserve.runtime.request import Request
 from pdserve.transfer import DestReady, KVSender, TransferCancelled, TransferSent
+from pdserve.transfer.pools import PoolSet
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,11 @@ class PrefillNode(NodeBase):
                             enable_prefix_cache=not eng.cache.disable_radix_cache)
         max_running = eng.scheduler.max_running_requests or min(256, self.kv.num_pages)
         self.sched = PrefillScheduler(eng.scheduler, self.kv, max_running)
-        self.sender = KVSender(self.runner.pool, self.runner.fingerprint, cfg.transfer, cfg.node.host)
+        # every rank's pool (TP); staging for decode nodes that split heads differently: two steps' worth
+        staging = 2 * pages_for(eng.scheduler.max_prefill_tokens, eng.cache.page_size) * sum(
+            p.layout.page_nbytes for p in self.runner.rank_pools)
+        self.sender = KVSender(PoolSet.of_runner(self.runner), self.runner.fingerprint, cfg.transfer, cfg.node.host,
+                               staging_nbytes=staging)
         self.eos_ids = frozenset(self.runner.loaded.eos_token_ids)
         self.jobs: dict[str, PrefillJob] = {}           # transfer_id -> job
         self.early_dests: dict[str, tuple[float, list[int]]] = {}  # KVDest before the PrefillReq

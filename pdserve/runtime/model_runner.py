@@ -142,6 +142,7 @@ class ModelRunner:
         par = cfg.parallel
         self.rank_layout = RankLayout(par.tp, par.attn_dp, rank)
         self.device = rank_device(resolve_device(cfg.model.device), rank)
+        self.device = gpu_for_rank(self.device, cfg.model.base_gpu_id, cfg.model.gpu_id_step, rank)
         torch.manual_seed(cfg.model.random_seed)
         if cfg.model.cpu_threads is not None or par.tp > 1:
             torch.set_num_threads(cfg.model.cpu_threads or cpu_threads_per_rank(par.tp))
@@ -344,6 +345,11 @@ class ModelRunner:
                     dist.broadcast(tokens, src=0, group=self.groups.world)
                 self._forward_local(msg.groups[0], [tuple(f) for f in msg.future], tokens)
 
+    def check_ranks(self) -> None:
+        """Raise ``RankLost`` if another rank of this TP node has exited."""
+        if self.ranks is not None:
+            self.ranks.check()
+
     def close(self) -> None:
         """Stop the other ranks of a TP node (rank 0; idempotent)."""
         if self.ranks is not None:
@@ -356,7 +362,8 @@ class ModelRunner:
         if not idx:
             return LaunchedStep(None, [], {})
         sample = self.sampler.launch(logits, [reqs[i] for i in idx])
-        return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)})
+        nonfinite = nonfinite_rows(logits, idx) if self.cfg.serving.enable_nan_detection else []
+        return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)}, nonfinite)
 
     def launch_groups(self, steps: list[tuple[list[SeqChunk], list]]) -> list[LaunchedStep]:
         """DP attention: ``steps[g] = (seqs, reqs)`` of attention group g, run as one forward;
@@ -385,12 +392,32 @@ class LaunchedStep:
     sample: PendingSample | None
     idx: list[int]
     rows: dict[str, int]
+    nonfinite: list[int] = dataclasses.field(default_factory=list)  # seqs whose logits hold NaN/inf
 
     def result(self) -> dict[int, tuple]:
         if self.sample is None:
             return {}
         out = self.sample.result()
         return {i: (t, lp, top) for i, t, lp, top in zip(self.idx, out.token_ids, out.logprobs, out.top_logprobs)}
+
+
+def nonfinite_rows(logits: torch.Tensor, idx: list[int]) -> list[int]:
+    """``idx[r]`` for every logits row r holding NaN or inf (waits for the device: opt-in)."""
+    bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+    return [idx[r] for r in bad]
+
+
+def gpu_for_rank(device: torch.device, base_gpu_id: int, gpu_id_step: int, rank: int) -> torch.device:
+    """--base-gpu-id / --gpu-id-step: rank r on CUDA device base + r * step; on CPU, ignored."""
+    if device.type != "cuda":
+        if (base_gpu_id, gpu_id_step) != (0, 1):
+            log.info("--base-gpu-id/--gpu-id-step ignored: running on %s", device.type)
+        return device
+    gpu = base_gpu_id + rank * gpu_id_step
+    if gpu >= torch.cuda.device_count():
+        raise ValueError(f"--base-gpu-id: rank {rank} needs CUDA device {gpu} (base {base_gpu_id} + rank x step "
+                         f"{gpu_id_step}), only {torch.cuda.device_count()} visible")
+    return torch.device("cuda", gpu)
 
 
 def future_rows(seqs: list[SeqChunk], prev: LaunchedStep | None) -> list[tuple[int, int]]:

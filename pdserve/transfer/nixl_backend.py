@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from pdserve.runtime.kv_pool import KVPool
+from pdserve.transfer.pools import PoolSet
 from pdserve.transfer.protocol import PoolInfo
+from pdserve.transfer.tp_map import RegionInfo
 from pdserve.transfer.runs import Run, expand, page_descriptors, run_descriptors
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,15 @@ def load_nixl() -> ModuleType:
 
 @dataclass(frozen=True)
 class PeerPool:
-    """A remote pool as its handshake describes it."""
+    """A remote node's pools as its handshake describes them: one region per rank."""
     agent_name: str
     metadata: bytes
-    base_addr: int
     num_pages: int
-    page_nbytes: int
     mem_type: str               # "DRAM" | "VRAM"
-    device_id: int
+    regions: tuple[RegionInfo, ...]
+
+    def region_index(self, rank: int) -> int:
+        return next(i for i, r in enumerate(self.regions) if r.rank == rank)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class WriteHandle:
     num_descriptors: int
     setup_us: float
     posted_at: float            # time.perf_counter()
+    staging: tuple[int, int] | None = None   # (offset, nbytes) of staging it reads; freed when done
 
 
 def mem_type_of(device: torch.device) -> str:
@@ -140,23 +143,30 @@ def _make_agent(api: ModuleType, name: str, conf: Any, progress_delay_us: int) -
         api.nixlBind.nixlAgentConfig = base
 
 
-class NixlAgent:
-    """A NIXL agent owning one registered KV buffer, paged into ``page_nbytes`` pages."""
+@dataclass(frozen=True)
+class LocalRegion:
+    """One registered pool buffer of this agent (one per tensor-parallel rank)."""
+    buffer: torch.Tensor
+    page_nbytes: int
+    num_pages: int
+    device_id: int
+    dlist_offset: int           # index of its page 0 in the agent's prepped local list
 
-    def __init__(self, name: str, buffer: torch.Tensor, page_nbytes: int, *,
+
+class NixlAgent:
+    """A NIXL agent owning the node's registered KV buffers (one per rank), each paged into its
+    own ``page_nbytes`` pages, plus an optional staging buffer for relayouts (``tp_map``)."""
+
+    def __init__(self, name: str, buffers: torch.Tensor | list[torch.Tensor], page_nbytes: int | list[int], *,
                  capture_telemetry: bool = False, progress_delay_us: int | None = None) -> None:
-        if not buffer.is_contiguous():
-            raise ValueError("the KV pool buffer must be contiguous to be registered")
-        nbytes = buffer.numel() * buffer.element_size()
-        if nbytes % page_nbytes:
-            raise ValueError(f"buffer of {nbytes} bytes is not a whole number of {page_nbytes}-byte pages")
+        buffers = [buffers] if isinstance(buffers, torch.Tensor) else list(buffers)
+        sizes = [page_nbytes] * len(buffers) if isinstance(page_nbytes, int) else list(page_nbytes)
         api = load_nixl()
         self.name = name
-        self.buffer = buffer
-        self.page_nbytes = page_nbytes
-        self.num_pages = nbytes // page_nbytes
-        self.mem_type = mem_type_of(buffer.device)
-        self.device_id = device_id_of(buffer.device)
+        self.mem_type = mem_type_of(buffers[0].device)
+        self.regions = _local_regions(buffers, sizes)
+        self.buffer, self.page_nbytes = buffers[0], sizes[0]
+        self.num_pages, self.device_id = self.regions[0].num_pages, self.regions[0].device_id
         self.capture_telemetry = capture_telemetry
         try:
             conf = api.nixl_agent_config(backends=["UCX"], capture_telemetry=capture_telemetry)
@@ -164,29 +174,42 @@ class NixlAgent:
             conf, self.capture_telemetry = api.nixl_agent_config(backends=["UCX"]), False
         self._errors = _binding_errors(api)
         if progress_delay_us is None:
-            progress_delay_us = 0 if buffer.device.type == "cuda" else CPU_PROGRESS_DELAY_US
+            progress_delay_us = 0 if buffers[0].device.type == "cuda" else CPU_PROGRESS_DELAY_US
         self._agent = _make_agent(api, name, conf, progress_delay_us)
         if "UCX" not in self._agent.backends:
             raise RuntimeError(f"NIXL has no UCX backend here (plugins: {self._agent.plugin_list})")
-        self._reg = self._agent.register_memory(buffer)
+        self._regs = [self._agent.register_memory(b) for b in buffers]
         self.metadata: bytes = self._agent.get_agent_metadata()
-        local = _tuples(page_descriptors(buffer.data_ptr(), self.num_pages, page_nbytes, self.device_id))
+        local = [t for r in self.regions
+                 for t in _tuples(page_descriptors(r.buffer.data_ptr(), r.num_pages, r.page_nbytes, r.device_id))]
         self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem_type)
-        self._peers: dict[str, tuple[PeerPool, Any]] = {}   # name -> (pool, prepped remote dlist)
+        self._peers: dict[str, tuple[PeerPool, Any, list[int]]] = {}   # name -> (pool, remote dlist, offsets)
         self._stuck: list[Any] = []                          # handles whose release failed
+        self.staging: torch.Tensor | None = None             # uint8, registered by register_staging
+        self._staging_reg = None
 
     @property
     def base_addr(self) -> int:
         return self.buffer.data_ptr()
 
+    def register_staging(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A registered byte buffer for relayouts (prefill side of a TP-mismatched transfer)."""
+        if self.staging is None or self.staging.numel() < nbytes:
+            if self._staging_reg is not None:
+                self._agent.deregister_memory(self._staging_reg)
+            self.staging = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            self._staging_reg = self._agent.register_memory(self.staging)
+        return self.staging
+
     # -- peers --------------------------------------------------------------------------------
     def add_peer(self, peer: PeerPool) -> None:
         """Load the peer's metadata and prepare its per-page descriptor list (once per peer)."""
-        if peer.page_nbytes != self.page_nbytes:
-            raise ValueError(f"peer page is {peer.page_nbytes} bytes, ours {self.page_nbytes}")
         if peer.agent_name in self._peers:
             self.remove_peer(peer.agent_name)
-        remote = _tuples(page_descriptors(peer.base_addr, peer.num_pages, peer.page_nbytes, peer.device_id))
+        remote, offsets = [], []
+        for r in peer.regions:
+            offsets.append(len(remote))
+            remote += _tuples(page_descriptors(r.base_addr, peer.num_pages, r.page_nbytes, r.device_id))
         try:
             loaded = self._agent.add_remote_agent(peer.metadata)
             loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
@@ -194,7 +217,7 @@ class NixlAgent:
                 self._agent.remove_remote_agent(loaded)
                 raise NixlError(f"metadata is for agent {loaded!r}, handshake says {peer.agent_name!r}")
             dlist = self._agent.prep_xfer_dlist(peer.agent_name, remote, peer.mem_type)
-            self._peers[peer.agent_name] = (peer, dlist)
+            self._peers[peer.agent_name] = (peer, dlist, offsets)
             # Connect now (at handshake), not inside the first transfer's timing.
             self._agent.make_connection(peer.agent_name)
         except self._errors as exc:
@@ -202,6 +225,9 @@ class NixlAgent:
 
     def has_peer(self, name: str) -> bool:
         return name in self._peers
+
+    def peer(self, name: str) -> PeerPool:
+        return self._peers[name][0]
 
     def remove_peer(self, name: str) -> None:
         entry = self._peers.pop(name, None)
@@ -214,41 +240,69 @@ class NixlAgent:
             log.warning("removing NIXL peer %s: %s: %s", name, type(exc).__name__, exc)
 
     # -- writes -------------------------------------------------------------------------------
-    def post_write(self, peer_name: str, runs: list[Run], *, mode: str = "prepped",
-                   notif: bytes = b"") -> WriteHandle:
-        """Post one WRITE of ``runs`` (local pages -> the peer's pages). Non-blocking."""
+    def post_write(self, peer_name: str, runs: list[Run], *, mode: str = "prepped", notif: bytes = b"",
+                   pairs: list[tuple[int, int]] | None = None) -> WriteHandle:
+        """Post one WRITE of ``runs`` (local pages -> the peer's pages) for every (local region,
+        peer region index) of ``pairs`` (default: region 0 -> 0). Non-blocking."""
         if mode not in XFER_MODES:
             raise ValueError(f"xfer mode must be one of {XFER_MODES}, got {mode!r}")
         if not runs:
             raise ValueError("post_write needs at least one run")
-        peer, remote_dlist = self._peers[peer_name]
+        peer, remote_dlist, offsets = self._peers[peer_name]
         try:
-            return self._post(peer, remote_dlist, runs, mode, notif)
+            return self._post(peer, remote_dlist, offsets, runs, mode, notif, pairs or [(0, 0)])
         except self._errors as exc:
             raise NixlError(f"write to {peer_name}: {type(exc).__name__}: {exc}") from exc
 
-    def _post(self, peer: PeerPool, remote_dlist: Any, runs: list[Run], mode: str,
-              notif: bytes) -> WriteHandle:
+    def _post(self, peer: PeerPool, remote_dlist: Any, offsets: list[int], runs: list[Run], mode: str,
+              notif: bytes, pairs: list[tuple[int, int]]) -> WriteHandle:
         peer_name = peer.agent_name
+        for src, dst in pairs:
+            if self.regions[src].page_nbytes != peer.regions[dst].page_nbytes:
+                raise ValueError(f"region {src} pages are {self.regions[src].page_nbytes} bytes, peer region "
+                                 f"{dst} {peer.regions[dst].page_nbytes}: that pair needs staging")
         t0 = time.perf_counter()
         if mode == "prepped":
             src_idx, dst_idx = expand(runs)
-            xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, src_idx.tolist(), remote_dlist,
-                                                 dst_idx.tolist(), notif)
+            local = [i for s, _ in pairs for i in (src_idx + self.regions[s].dlist_offset).tolist()]
+            remote = [i for _, d in pairs for i in (dst_idx + offsets[d]).tolist()]
+            xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local, remote_dlist, remote, notif)
         else:
-            src = _tuples(run_descriptors(runs, self.base_addr, self.page_nbytes, self.device_id, side="src"))
-            dst = _tuples(run_descriptors(runs, peer.base_addr, peer.page_nbytes, peer.device_id, side="dst"))
+            src = [t for s, _ in pairs for t in _tuples(run_descriptors(
+                runs, self.regions[s].buffer.data_ptr(), self.regions[s].page_nbytes, self.regions[s].device_id,
+                side="src"))]
+            dst = [t for _, d in pairs for t in _tuples(run_descriptors(
+                runs, peer.regions[d].base_addr, peer.regions[d].page_nbytes, peer.regions[d].device_id,
+                side="dst"))]
             xfer = self._agent.initialize_xfer("WRITE", self._agent.get_xfer_descs(src, self.mem_type),
-                                               self._agent.get_xfer_descs(dst, peer.mem_type),
-                                               peer_name, notif)
-        t1 = time.perf_counter()
+                                               self._agent.get_xfer_descs(dst, peer.mem_type), peer_name, notif)
+        num_pages = sum(r.num_pages for r in runs)
+        kv_bytes = num_pages * sum(self.regions[s].page_nbytes for s, _ in pairs)
+        return self._start(xfer, peer_name, kv_bytes, len(runs) * len(pairs), t0, time.perf_counter())
+
+    def post_descs(self, peer_name: str, src: list[tuple[int, int, int]], dst: list[tuple[int, int, int]],
+                   staging: tuple[int, int] | None = None) -> WriteHandle:
+        """Post one WRITE of explicit (address, nbytes, device) descriptors: local (pools or the
+        staging buffer) -> the peer's pools. Used for relayouts staged by ``tp_map``."""
+        peer = self._peers[peer_name][0]
+        t0 = time.perf_counter()
+        try:
+            xfer = self._agent.initialize_xfer("WRITE", self._agent.get_xfer_descs(src, self.mem_type),
+                                               self._agent.get_xfer_descs(dst, peer.mem_type), peer_name, b"")
+            handle = self._start(xfer, peer_name, sum(d[1] for d in src), len(src), t0, time.perf_counter())
+        except self._errors as exc:
+            raise NixlError(f"write to {peer_name}: {type(exc).__name__}: {exc}") from exc
+        handle.staging = staging
+        return handle
+
+    def _start(self, xfer: Any, peer_name: str, kv_bytes: int, num_descriptors: int, t0: float,
+               t1: float) -> WriteHandle:
         status = self._agent.transfer(xfer)
         if status == "ERR":
             self.release(xfer)
             raise NixlError(f"NIXL refused to post a write to {peer_name}")
-        num_pages = sum(r.num_pages for r in runs)
-        return WriteHandle(xfer=xfer, peer=peer_name, kv_bytes=num_pages * self.page_nbytes,
-                           num_descriptors=len(runs), setup_us=(t1 - t0) * 1e6, posted_at=t0)
+        return WriteHandle(xfer=xfer, peer=peer_name, kv_bytes=kv_bytes, num_descriptors=num_descriptors,
+                           setup_us=(t1 - t0) * 1e6, posted_at=t0)
 
     def state(self, handle: WriteHandle) -> str:
         """"DONE" | "PROC" | "ERR" (a raised NIXL error, e.g. the remote disconnected, is "ERR")."""
@@ -304,7 +358,8 @@ class NixlAgent:
             except self._errors as exc:
                 log.warning("NIXL handle still active at close: %s", exc)
         self._stuck = []
-        self._agent.deregister_memory(self._reg)
+        for reg in self._regs + ([self._staging_reg] if self._staging_reg is not None else []):
+            self._agent.deregister_memory(reg)
 
 
 def _tuples(rows) -> list[tuple[int, int, int]]:
@@ -312,10 +367,26 @@ def _tuples(rows) -> list[tuple[int, int, int]]:
     return [tuple(r) for r in rows.tolist()]
 
 
-def pool_info(agent: NixlAgent, pool: KVPool) -> PoolInfo:
-    return PoolInfo(agent_name=agent.name, base_addr=agent.base_addr, num_pages=pool.num_pages,
-                    page_nbytes=pool.layout.page_nbytes, device_kind=pool.device.type,
-                    device_id=agent.device_id)
+def _local_regions(buffers: list[torch.Tensor], page_nbytes: list[int]) -> list[LocalRegion]:
+    regions, offset = [], 0
+    for buf, size in zip(buffers, page_nbytes):
+        if not buf.is_contiguous():
+            raise ValueError("a KV pool buffer must be contiguous to be registered")
+        nbytes = buf.numel() * buf.element_size()
+        if nbytes % size:
+            raise ValueError(f"buffer of {nbytes} bytes is not a whole number of {size}-byte pages")
+        regions.append(LocalRegion(buf, size, nbytes // size, device_id_of(buf.device), offset))
+        offset += nbytes // size
+    return regions
+
+
+def pool_info(agent: NixlAgent, pools: PoolSet) -> PoolInfo:
+    """The handshake's description of ``pools`` as ``agent`` registered them."""
+    regions = [RegionInfo(rank=m.rank, base_addr=r.buffer.data_ptr(), page_nbytes=r.page_nbytes,
+                          device_id=r.device_id, kv_start=m.kv_start, kv_count=m.kv_count, dp_group=m.dp_group)
+               for m, r in zip(pools.ranks, agent.regions)]
+    return PoolInfo(agent_name=agent.name, num_pages=pools.num_pages, device_kind=pools.device.type,
+                    regions=regions)
 
 
 def agent_name(role: str) -> str:

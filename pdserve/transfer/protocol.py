@@ -22,12 +22,14 @@ from __future__ import annotations
 import msgspec
 
 from pdserve.runtime.kv_pool import KVLayout
+from pdserve.transfer.tp_map import RegionInfo, plan_routes
 
-TRANSFER_PROTOCOL_VERSION = 1
+TRANSFER_PROTOCOL_VERSION = 2   # 2: pools as per-rank regions (tensor parallelism)
 
 
 class LayoutSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """KVLayout on the wire (the fields both pools must agree on, byte for byte)."""
+    """KVLayout on the wire (the fields both pools must agree on, byte for byte); ``num_kv_heads``
+    is the model's, each rank's share is in its ``RegionInfo``."""
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -38,8 +40,8 @@ class LayoutSpec(msgspec.Struct, frozen=True, kw_only=True):
     v_scale: float = 1.0
 
     @classmethod
-    def of(cls, layout: KVLayout) -> "LayoutSpec":
-        return cls(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+    def of(cls, layout: KVLayout, total_kv_heads: int | None = None) -> "LayoutSpec":
+        return cls(num_layers=layout.num_layers, num_kv_heads=total_kv_heads or layout.num_kv_heads,
                    head_dim=layout.head_dim, page_size=layout.page_size, dtype=layout.dtype,
                    order=layout.order, k_scale=layout.k_scale, v_scale=layout.v_scale)
 
@@ -50,13 +52,19 @@ class LayoutSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PoolInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a node's KV pool lives: NIXL agent identity and the registered buffer."""
+    """Where a node's KV pools live: NIXL agent identity and one registered region per rank
+    (``transfer/tp_map.py``); every rank's pool has ``num_pages`` pages."""
     agent_name: str
-    base_addr: int              # address of page 0
     num_pages: int
-    page_nbytes: int
     device_kind: str            # "cpu" | "cuda"
-    device_id: int              # CUDA ordinal in the owning process (0 on CPU)
+    regions: list[RegionInfo]
+
+    def region(self, rank: int) -> RegionInfo:
+        return next(r for r in self.regions if r.rank == rank)
+
+    @property
+    def dp_groups(self) -> list[int]:
+        return sorted({r.dp_group for r in self.regions})
 
 
 class Handshake(msgspec.Struct, tag="handshake", kw_only=True):
@@ -78,9 +86,11 @@ class HandshakeReject(msgspec.Struct, tag="handshake_reject", kw_only=True):
 
 
 class KVDest(msgspec.Struct, tag="kv_dest", kw_only=True):
-    """Decode -> prefill: fill these decode pages (in order) with the transfer's KV."""
+    """Decode -> prefill: fill these decode pages (in order, on every rank of ``dp_group``) with
+    the transfer's KV."""
     transfer_id: str
     page_ids: list[int]
+    dp_group: int = 0
 
 
 class TransferMetrics(msgspec.Struct, kw_only=True):
@@ -158,9 +168,12 @@ def check_compatible(prefill: Handshake, decode: Handshake) -> str | None:
         ("num kv heads", p.layout.num_kv_heads, d.layout.num_kv_heads, ""),
         ("head dim", p.layout.head_dim, d.layout.head_dim, ""),
         ("layout order", p.layout.order, d.layout.order, ""),
-        ("page bytes", p.pool.page_nbytes, d.pool.page_nbytes, ""),
     ]
     for what, pv, dv, hint in pairs:
         if pv != dv:
             return f"{what} mismatch: prefill {pv}, decode {dv}{hint}"
+    for group in d.pool.dp_groups:
+        routes = plan_routes(p.pool.regions, d.pool.regions, group)
+        if isinstance(routes, str):
+            return f"tensor-parallel layouts cannot be mapped: {routes}"
     return None

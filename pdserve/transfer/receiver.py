@@ -27,6 +27,7 @@ from pdserve.transfer.base import (MetricsRing, ReceiverEvent, TransferDone, Tra
                                    TransferFailed, TransferRecord, TransferState)
 from pdserve.transfer.channel import BootstrapChannel, PeerLost
 from pdserve.transfer.nixl_backend import NixlAgent, agent_name, pool_info
+from pdserve.transfer.pools import PoolSet
 from pdserve.transfer.protocol import (Cancel, CancelAck, Handshake, HandshakeAccept,
                                        HandshakeReject, KVDest, LayoutSpec, TransferComplete,
                                        decode_message)
@@ -48,13 +49,17 @@ class _Prefill:
 
 
 class KVReceiver:
-    def __init__(self, pool: KVPool, fingerprint: str, cfg: TransferConfig, host: str, *,
+    def __init__(self, pool: KVPool | PoolSet, fingerprint: str, cfg: TransferConfig, host: str, *,
                  metrics_capacity: int = 1024) -> None:
-        self.pool, self.cfg = pool, cfg
-        self._nixl = NixlAgent(agent_name("decode"), pool.buffer, pool.layout.page_nbytes)
+        """``pool``: every rank's pool of the node (``PoolSet``), or one pool."""
+        self.pools = pool if isinstance(pool, PoolSet) else PoolSet.single(pool)
+        self.pool, self.cfg = self.pools.ranks[0].pool, cfg
+        self._nixl = NixlAgent(agent_name("decode"), [p.buffer for p in self.pools.pools],
+                               [p.layout.page_nbytes for p in self.pools.pools])
         self.agent_name = self._nixl.name
-        self._handshake = Handshake(pool=pool_info(self._nixl, pool), agent_metadata=self._nixl.metadata,
-                                    layout=LayoutSpec.of(pool.layout), fingerprint=fingerprint)
+        self._handshake = Handshake(pool=pool_info(self._nixl, self.pools), agent_metadata=self._nixl.metadata,
+                                    layout=LayoutSpec.of(self.pools.layout, self.pools.total_kv_heads),
+                                    fingerprint=fingerprint)
         # The ROUTER this binds is the node's advertised bootstrap endpoint; transfers only dial out.
         self._channel = BootstrapChannel(host, cfg.bootstrap_port, self.agent_name,
                                          heartbeat_interval_s=cfg.heartbeat_interval_s,
@@ -67,8 +72,9 @@ class KVReceiver:
         self.metrics_ring = MetricsRing(metrics_capacity)
 
     # -- scheduler API ------------------------------------------------------------------------
-    def expect(self, transfer_id: str, prefill_bootstrap: str, page_ids: list[int]) -> None:
-        """Ask the prefill node at ``prefill_bootstrap`` to fill ``page_ids`` (in order)."""
+    def expect(self, transfer_id: str, prefill_bootstrap: str, page_ids: list[int], dp_group: int = 0) -> None:
+        """Ask the prefill node at ``prefill_bootstrap`` to fill ``page_ids`` (in order) of the
+        ranks of DP attention group ``dp_group``."""
         old = self._transfers.get(transfer_id)
         if old is not None and not old.state.is_terminal:
             raise TransferError(f"transfer {transfer_id} is already live ({old.state.value})")
@@ -82,7 +88,8 @@ class KVReceiver:
             self._channel.send(prefill_bootstrap, self._handshake)
         rec = _Recv(transfer_id, peer=prefill_bootstrap, state=S.BOOTSTRAPPING, page_ids=tuple(page_ids))
         self._transfers[transfer_id] = rec
-        self._channel.send(prefill_bootstrap, KVDest(transfer_id=transfer_id, page_ids=list(page_ids)))
+        self._channel.send(prefill_bootstrap, KVDest(transfer_id=transfer_id, page_ids=list(page_ids),
+                                                     dp_group=dp_group))
         if peer.agent_name is not None:
             rec.advance(S.TRANSFERRING)
 

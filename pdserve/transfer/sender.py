@@ -37,7 +37,9 @@ from pdserve.transfer.nixl_backend import (NixlAgent, NixlError, PeerPool, Write
 from pdserve.transfer.protocol import (Cancel, CancelAck, Handshake, HandshakeAccept,
                                        HandshakeReject, KVDest, LayoutSpec, PoolInfo,
                                        TransferComplete, TransferMetrics, check_compatible, encode)
+from pdserve.transfer.pools import PoolSet, StagedWriter
 from pdserve.transfer.runs import coalesce
+from pdserve.transfer.tp_map import Route, plan_routes
 
 log = logging.getLogger(__name__)
 S = TransferState
@@ -46,6 +48,8 @@ S = TransferState
 @dataclass
 class _Send(TransferRecord):
     dst_pages: list[int] | None = None
+    dp_group: int = 0                     # the decode node's DP attention group holding the pages
+    staged_backlog: list[tuple[list[int], int]] = field(default_factory=list)  # waiting for staging
     queued: list[tuple[list[int], int]] = field(default_factory=list)   # writes before DestReady
     inflight: list[WriteHandle] = field(default_factory=list)
     payload: bytes | None = None          # set by finish()
@@ -59,16 +63,22 @@ class _Send(TransferRecord):
 
 
 class KVSender:
-    def __init__(self, pool: KVPool, fingerprint: str, cfg: TransferConfig, host: str, *,
+    def __init__(self, pool: KVPool | PoolSet, fingerprint: str, cfg: TransferConfig, host: str, *,
                  xfer_mode: str = "prepped", capture_telemetry: bool = False,
-                 metrics_capacity: int = 1024) -> None:
-        self.pool, self.cfg = pool, cfg
+                 metrics_capacity: int = 1024, staging_nbytes: int = 64 << 20) -> None:
+        """``pool``: the node's pools (every rank's, ``PoolSet``) or one pool; ``staging_nbytes``:
+        the relayout buffer for decode nodes that split heads differently (``tp_map``)."""
+        self.pools = pool if isinstance(pool, PoolSet) else PoolSet.single(pool)
+        self.pool, self.cfg = self.pools.ranks[0].pool, cfg
         self.xfer_mode = xfer_mode            # "prepped" | "descs" (see nixl_backend)
-        self._nixl = NixlAgent(agent_name("prefill"), pool.buffer, pool.layout.page_nbytes,
-                               capture_telemetry=capture_telemetry)
+        self._nixl = NixlAgent(agent_name("prefill"), [p.buffer for p in self.pools.pools],
+                               [p.layout.page_nbytes for p in self.pools.pools], capture_telemetry=capture_telemetry)
         self.agent_name = self._nixl.name
-        self._me = Handshake(pool=pool_info(self._nixl, pool), agent_metadata=b"",
-                             layout=LayoutSpec.of(pool.layout), fingerprint=fingerprint)
+        self._me = Handshake(pool=pool_info(self._nixl, self.pools), agent_metadata=b"",
+                             layout=LayoutSpec.of(self.pools.layout, self.pools.total_kv_heads),
+                             fingerprint=fingerprint)
+        self._staged = StagedWriter(self.pools, staging_nbytes)
+        self._routes: dict[tuple[str, int], list[Route]] = {}   # (decode agent, dp group) -> routes
         self._channel = BootstrapChannel(host, cfg.bootstrap_port, self.agent_name,
                                          heartbeat_interval_s=cfg.heartbeat_interval_s,
                                          peer_timeout_s=cfg.peer_timeout_s)
@@ -171,7 +181,7 @@ class KVSender:
     def close(self) -> None:
         for rec in self._transfers.values():
             for h in rec.inflight:
-                self._nixl.release(h.xfer)
+                self._release(h)
             rec.inflight.clear()
         self._channel.close()
         self._nixl.close()
@@ -208,14 +218,36 @@ class KVSender:
             return
         if not src:
             return
+        routes = self._routes[(rec.peer, rec.dp_group)]
+        peer = self._nixl.peer(rec.peer)
+        direct = [(r.pieces[0].src_rank, peer.region_index(r.dst_rank)) for r in routes if r.is_direct]
+        staged = [r for r in routes if not r.is_direct]
         try:
-            h = self._nixl.post_write(rec.peer, coalesce(src, dst), mode=self.xfer_mode)
-        except NixlError as exc:
+            rec.metrics.num_pages += len(src)
+            if direct:
+                self._track(rec, self._nixl.post_write(rec.peer, coalesce(src, dst), mode=self.xfer_mode,
+                                                       pairs=direct))
+            if staged:
+                self._post_staged(rec, staged, src, dst_index)
+        except (NixlError, ValueError) as exc:
             self._stop(rec, f"write failed: {exc}", tell_peer=True)
-            return
+
+    def _post_staged(self, rec: _Send, routes: list[Route], src: list[int], dst_index: int) -> None:
+        """Relayout through staging, in slices that fit it; what does not fit now waits in
+        ``rec.queued`` (as a staged-only write) for earlier writes to free staging."""
+        step = self._staged.max_pages(self._nixl.peer(rec.peer), routes)
+        for start in range(0, len(src), step):
+            part = src[start:start + step]
+            h = self._staged.post(self._nixl, rec.peer, routes, part,
+                                  rec.dst_pages[dst_index + start:dst_index + start + len(part)])
+            if h is None:
+                rec.staged_backlog.append((src[start:], dst_index + start))
+                return
+            self._track(rec, h)
+
+    def _track(self, rec: _Send, h: WriteHandle) -> None:
         m = rec.metrics
         m.kv_bytes += h.kv_bytes
-        m.num_pages += len(src)
         m.num_descriptors += h.num_descriptors
         m.num_writes += 1
         m.setup_us += h.setup_us
@@ -236,22 +268,35 @@ class KVSender:
                 error = f"NIXL write to {h.peer} failed"
             elif (n := self._nixl.desc_count(h)) >= 0:
                 rec.metrics.nixl_desc_count = max(rec.metrics.nixl_desc_count, 0) + n
-            self._nixl.release(h.xfer)
+            self._release(h)
             rec.inflight.remove(h)
         if not rec.inflight and rec.busy_since is not None:
             rec.metrics.busy_ms += (time.perf_counter() - rec.busy_since) * 1e3
             rec.busy_since = None
         return error
 
+    def _release(self, h: WriteHandle) -> None:
+        self._nixl.release(h.xfer)
+        self._staged.release(h.staging)
+
     def _progress(self, rec: _Send) -> None:
         error = self._reap(rec) if rec.inflight else None
         if error and rec.state is S.TRANSFERRING:
             self._stop(rec, error, tell_peer=True)
+        if rec.staged_backlog and rec.state is S.TRANSFERRING:
+            backlog, rec.staged_backlog = rec.staged_backlog, []
+            routes = [r for r in self._routes[(rec.peer, rec.dp_group)] if not r.is_direct]
+            for i, (src, dst_index) in enumerate(backlog):
+                self._post_staged(rec, routes, src, dst_index)
+                if rec.staged_backlog:   # still full: keep the rest, in order
+                    rec.staged_backlog += backlog[i + 1:]
+                    break
         if rec.inflight:
             return
         if rec.state is S.CANCELLING:
             self._finish_cancel(rec)
-        elif rec.state is S.TRANSFERRING and rec.payload is not None and not rec.queued:
+        elif (rec.state is S.TRANSFERRING and rec.payload is not None and not rec.queued
+              and not rec.staged_backlog):
             self._complete(rec)
 
     def _complete(self, rec: _Send) -> None:
@@ -270,6 +315,7 @@ class KVSender:
     def _stop(self, rec: _Send, reason: str, *, tell_peer: bool = False, ack_peer: bool = False) -> None:
         rec.advance(S.CANCELLING, reason)
         rec.queued.clear()
+        rec.staged_backlog.clear()
         rec.tell_peer, rec.ack_peer = tell_peer, ack_peer
         self._progress(rec)
 
@@ -285,9 +331,10 @@ class KVSender:
     def _fail_now(self, rec: _Send, reason: str) -> None:
         """The peer is gone (or hung): drop in-flight writes without waiting for them."""
         for h in rec.inflight:
-            self._nixl.release(h.xfer)
+            self._release(h)
         rec.inflight.clear()
         rec.queued.clear()
+        rec.staged_backlog.clear()
         rec.advance(S.FAILED, reason)
         self._emit(rec, TransferCancelled(rec.transfer_id, reason))
 
@@ -313,10 +360,11 @@ class KVSender:
                 self._on_peer_lost(peer, f"decode peer {peer} handshook again")
             try:
                 self._nixl.add_peer(PeerPool(agent_name=peer, metadata=hs.agent_metadata,
-                                             base_addr=hs.pool.base_addr, num_pages=hs.pool.num_pages,
-                                             page_nbytes=hs.pool.page_nbytes,
+                                             num_pages=hs.pool.num_pages,
                                              mem_type="VRAM" if hs.pool.device_kind == "cuda" else "DRAM",
-                                             device_id=hs.pool.device_id))
+                                             regions=tuple(hs.pool.regions)))
+                for group in hs.pool.dp_groups:   # mappable: check_compatible said so
+                    self._routes[(peer, group)] = plan_routes(self._me.pool.regions, hs.pool.regions, group)
             except NixlError as exc:
                 reason = f"NIXL could not load decode agent {peer}: {exc}"
         if reason is not None:
@@ -340,6 +388,8 @@ class KVSender:
         reason = None
         if any(not 0 <= p < info.num_pages for p in pages):
             reason = f"destination pages outside the decode pool of {info.num_pages} pages"
+        elif (peer, dest.dp_group) not in self._routes:
+            reason = f"decode has no DP attention group {dest.dp_group}"
         rec = self._transfers.get(tid)
         if reason is None and rec is not None and rec.state is not S.WAITING_DEST:
             reason = f"transfer {tid} already {rec.state.value} on this prefill node"
@@ -348,6 +398,7 @@ class KVSender:
             return
         if rec is None:                               # ahead of (or without) the PrefillReq
             rec = self._transfers[tid] = self._new(tid, S.WAITING_DEST, claimed=False)
+        rec.dp_group = dest.dp_group
         self._bind_dest(rec, peer, pages)
 
     def _on_cancel(self, peer: str, msg: Cancel) -> None:
@@ -366,6 +417,8 @@ class KVSender:
                 self._fail_now(rec, reason)
         if self._peers.pop(peer, None) is not None:
             self._nixl.remove_peer(peer)
+        for key in [k for k in self._routes if k[0] == peer]:
+            del self._routes[key]
 
     def _expire(self, now: float) -> None:
         limit = self.cfg.transfer_timeout_s

@@ -4,16 +4,20 @@ import msgspec
 import pytest
 
 from pdserve.runtime.kv_pool import KVLayout
-from pdserve.transfer.protocol import (Cancel, Handshake, HandshakeAccept, Heartbeat, KVDest,
-                                       LayoutSpec, PoolInfo, TransferComplete, TransferMetrics,
-                                       check_compatible, decode_message, encode)
+from pdserve.transfer.protocol import (TRANSFER_PROTOCOL_VERSION, Cancel, Handshake, HandshakeAccept,
+                                       Heartbeat, KVDest, LayoutSpec, PoolInfo, TransferComplete,
+                                       TransferMetrics, check_compatible, decode_message, encode)
+from pdserve.transfer.tp_map import RegionInfo
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, page_size=16, dtype="float32")
 
 
-def hello(layout=LAYOUT, fingerprint="fp-a", version=1) -> Handshake:
-    pool = PoolInfo(agent_name="a", base_addr=1 << 40, num_pages=8, page_nbytes=layout.page_nbytes,
-                    device_kind="cpu", device_id=0)
+def hello(layout=LAYOUT, fingerprint="fp-a", version=TRANSFER_PROTOCOL_VERSION, heads=((0, 2),)) -> Handshake:
+    """A handshake of a node whose ranks hold KV heads ``heads`` ((start, count) per rank)."""
+    page = layout.page_nbytes // layout.num_kv_heads
+    regions = [RegionInfo(rank=r, base_addr=(1 << 40) + r * (1 << 30), page_nbytes=page * n, device_id=0,
+                          kv_start=start, kv_count=n) for r, (start, n) in enumerate(heads)]
+    pool = PoolInfo(agent_name="a", num_pages=8, device_kind="cpu", regions=regions)
     return Handshake(pool=pool, agent_metadata=b"\x00md", layout=LayoutSpec.of(layout),
                      fingerprint=fingerprint, protocol_version=version)
 
@@ -51,7 +55,19 @@ def test_page_size_mismatch_names_both():
 def test_fingerprint_and_version_mismatch():
     assert check_compatible(hello(), hello(fingerprint="fp-b")) == \
         "model fingerprint mismatch: prefill fp-a, decode fp-b"
-    assert check_compatible(hello(), hello(version=2)) == "protocol version mismatch: prefill 1, decode 2"
+    v = TRANSFER_PROTOCOL_VERSION
+    assert check_compatible(hello(), hello(version=v + 1)) == \
+        f"protocol version mismatch: prefill {v}, decode {v + 1}"
+
+
+def test_tp_layouts_map_and_refuse():
+    one, two = ((0, 2),), ((0, 1), (1, 1))
+    assert check_compatible(hello(heads=one), hello(heads=two)) is None      # TP 1 -> 2
+    assert check_compatible(hello(heads=two), hello(heads=one)) is None      # TP 2 -> 1
+    partial = ((0, 1),)                                                      # a prefill node missing head 1
+    assert check_compatible(hello(heads=partial), hello(heads=one)) == (
+        "tensor-parallel layouts cannot be mapped: prefill ranks hold KV heads [(0, 1)], "
+        "decode rank 0 needs head 1 (of [0, 2))")
 
 
 def test_dtype_mismatch():
