@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pdserve.seed_flags import add_refusals, aliases_of
+
 T = TypeVar("T")
 
 
@@ -63,6 +65,13 @@ class ModelConfig:
     random_seed: int = opt(0, "Seed for dummy weights and for requests without a seed.")
     cpu_threads: int | None = opt(None, "torch intra-op threads (CPU); give each node its share of the "
                                   "cores when several share a machine. Default: torch's choice.")
+    is_embedding: bool = opt(False, "Serve embeddings (/v1/embeddings through the router) from the base model's "
+                                    "final hidden states instead of generating (colocated and decode nodes).")
+    embedding_pooling: str = opt("last", "How --is-embedding pools a prompt's final hidden states: the last "
+                                 "token's, or the mean over tokens (then L2-normalized).", choices=("last", "mean"))
+    base_gpu_id: int = opt(0, "First CUDA device of this node (rank r uses base + r * --gpu-id-step); on CPU "
+                              "checked and ignored.")
+    gpu_id_step: int = opt(1, "Device id step between this node's ranks (see --base-gpu-id).")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -71,6 +80,8 @@ class ModelConfig:
                f"must be >= 1, got {self.cpu_threads}")
         _check(self.context_length is None or self.context_length > 0, "--context-length",
                f"must be positive, got {self.context_length}")
+        _check(self.base_gpu_id >= 0, "--base-gpu-id", f"must be >= 0, got {self.base_gpu_id}")
+        _check(self.gpu_id_step >= 1, "--gpu-id-step", f"must be >= 1, got {self.gpu_id_step}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,13 @@ class SchedulerConfig:
     schedule_conservativeness: float = opt(1.0, "How much output space to reserve when admitting; "
                                            "higher admits fewer requests and retracts less.")
     max_queued_requests: int = opt(4096, "Requests waiting beyond this are refused (overload).")
+    stream_interval: int = opt(1, "Stream a request's tokens to the router every this many tokens (the last "
+                                  "ones at once when it finishes); larger means fewer, bigger chunks.")
+    enable_mixed_chunk: bool = opt(False, "Mix prefill chunks into decode steps: the default already (kept for "
+                                          "SGLang command lines; --disable-mixed-chunk turns it off).")
+    disable_mixed_chunk: bool = opt(False, "Steps are prefill-only or decode-only; waiting prompts go first.")
+    num_continuous_decode_steps: int = opt(1, "Engine steps a node runs back to back before it reads new "
+                                              "requests off its socket (while it has work).")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -115,6 +133,11 @@ class SchedulerConfig:
         _check(self.schedule_conservativeness > 0, "--schedule-conservativeness",
                f"must be positive, got {self.schedule_conservativeness}")
         _check(self.max_queued_requests > 0, "--max-queued-requests", "must be positive")
+        _check(self.stream_interval >= 1, "--stream-interval", f"must be >= 1, got {self.stream_interval}")
+        _check(not (self.enable_mixed_chunk and self.disable_mixed_chunk), "--disable-mixed-chunk",
+               "contradicts --enable-mixed-chunk")
+        _check(self.num_continuous_decode_steps >= 1, "--num-continuous-decode-steps",
+               f"must be >= 1, got {self.num_continuous_decode_steps}")
 
 
 @dataclass(frozen=True)
@@ -245,6 +268,19 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """A node's own health: warm-up, the step watchdog, NaN checks."""
+    skip_server_warmup: bool = opt(False, "Skip the warm-up forward a node runs before it registers.")
+    watchdog_timeout: float = opt(300.0, "Seconds one engine step may take; a step stuck longer kills the node "
+                                         "(its registry record is deleted first, so routers drop it at once).")
+    enable_nan_detection: bool = opt(False, "Check every step's logits: a request whose logits hold NaN or inf "
+                                            "fails with an error instead of sampling garbage.")
+
+    def __post_init__(self) -> None:
+        _check(self.watchdog_timeout > 0, "--watchdog-timeout", f"must be positive, got {self.watchdog_timeout}")
+
+
+@dataclass(frozen=True)
 class GrammarConfig:
     """Structured output: response_format / tools / regex / ebnf through a token mask."""
     grammar_backend: str = opt("xgrammar", "Library that compiles grammars and masks logits; none refuses "
@@ -276,6 +312,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     grammar: GrammarConfig = field(default_factory=GrammarConfig)
 
 
@@ -286,6 +323,10 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+
+    def __post_init__(self) -> None:
+        _check(not (self.role == "prefill" and self.engine.model.is_embedding), "--is-embedding",
+               "colocated and decode nodes only (an embedding is one forward on the node that serves it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +351,9 @@ def _resolved_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: set[str] = frozenset()) -> None:
-    """Add one flag per leaf field of the config dataclass ``cls`` (recursing into sub-configs)."""
+    """Add one flag per leaf field of the config dataclass ``cls`` (recursing into sub-configs), and
+    (once per parser) the seed's flags pdserve refuses, each with its reason (``seed_flags``)."""
+    add_refusals(parser, accepted_flags())
     for f, tp in _resolved_fields(cls):
         if _is_config(tp):
             add_config_args(parser, tp, skip=skip)
@@ -318,17 +361,25 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: set[str
         if not f.metadata.get("cli", True) or f.name in skip:
             continue
         name, help_text = flag_name(f), f.metadata.get("help", "")
+        names = [name, *aliases_of(name)]   # the seed's other spelling too (--tp-size for --tp)
         base = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if base is bool:
-            parser.add_argument(name, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         choices = f.metadata.get("choices")
         if choices:
             choices = [c for c in choices if c is not None]
-        parser.add_argument(name, dest=f.name, type=base, choices=choices, default=argparse.SUPPRESS,
+        parser.add_argument(*names, dest=f.name, type=base, choices=choices, default=argparse.SUPPRESS,
                             metavar=None if choices else base.__name__.upper(),
                             help=f"{help_text} (default: {default})")
+
+
+def accepted_flags() -> set[str]:
+    """Every flag some config dataclass of this module defines (and their seed aliases)."""
+    configs = [obj for obj in globals().values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)]
+    flags = {flag_name(f) for cls in configs for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    return flags | {alias for flag in flags for alias in aliases_of(flag)}
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace | dict, **overrides: Any) -> T:

@@ -77,6 +77,22 @@ class FirstToken(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
 
 
+class EmbedReq(msgspec.Struct, tag="embed", kw_only=True):
+    """To a node started with --is-embedding: pooled final hidden states of each input."""
+    rid: str
+    inputs: list[list[int]]              # token ids of each input
+    reply_to: str                        # router's PULL address for EmbedOut
+
+
+class EmbedOut(msgspec.Struct, tag="embeddings", kw_only=True):
+    """Node -> router: one L2-normalized vector per input of an ``EmbedReq`` (or the error)."""
+    rid: str
+    embeddings: list[list[float]] = []
+    prompt_tokens: int = 0
+    error: str | None = None
+    error_code: int = 0                  # 400 bad input (or not an embedding node), 503 no room
+
+
 class StatsReq(msgspec.Struct, tag="stats", kw_only=True):
     """Ask a node for its current load (tests, tools); answered with ``NodeStats`` to reply_to."""
     reply_to: str
@@ -92,8 +108,8 @@ class NodeStats(msgspec.Struct, tag="node_stats", kw_only=True):
     cached_pages: int = 0
 
 
-NodeMessage = GenerateReq | PrefillReq | AbortReq | StatsReq
-RouterMessage = TokenOut | PrefillStatus | NodeStats
+NodeMessage = GenerateReq | PrefillReq | AbortReq | StatsReq | EmbedReq
+RouterMessage = TokenOut | PrefillStatus | NodeStats | EmbedOut
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -114,6 +130,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     max_total_tokens: int
     protocol_version: int = PROTOCOL_VERSION
     started_at: float = 0.0
+    is_embedding: bool = False           # serves /v1/embeddings only (--is-embedding)
 
 
 class LoadReport(msgspec.Struct, kw_only=True):

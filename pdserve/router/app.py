@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.router.core import Router
 from pdserve.router.errors import APIError
+from pdserve.router.embeddings import add_embedding_routes
 from pdserve.router.generate import handle_generate
 
 
@@ -38,6 +39,7 @@ def create_app(router: Router) -> FastAPI:
     app.state.router = router
     _add_error_handlers(app)
     _add_generation_routes(app, router)
+    add_embedding_routes(app, router)
     _add_info_routes(app, router)
     return app
 

@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
 from pdserve.protocol import AbortReq, GenerateReq, PrefillReq, PrefillStatus, TokenOut
-from pdserve.router.errors import APIError, unavailable
+from pdserve.router.errors import APIError
 from pdserve.router.node_client import NodeGone, NodeSendError
 from pdserve.router.pairing import Target
 from pdserve.sampling_params import SamplingParams
@@ -67,7 +67,8 @@ async def generate(router: "Router", choice_rid: str, input_ids: list[int], samp
         finally:
             attempt.close()
     if last is None:
-        raise unavailable()
+        from pdserve.router.embeddings import generation_unavailable
+        raise generation_unavailable(router)   # 400 when only embedding nodes are registered
     raise APIError(503, f"no node could serve the request ({last})", code="prefill_failed")
 
 

@@ -62,7 +62,7 @@ def is_usable(node: NodeInfo) -> bool:
 def has_capacity(nodes: Iterable[NodeInfo]) -> bool:
     """True when at least one compatible (prefill, decode) pair or one colocated node is registered."""
     usable = [n for n in nodes if is_usable(n)]
-    if any(n.role == "colocated" for n in usable):
+    if any(n.role == "colocated" or n.is_embedding for n in usable):
         return True
     prefill_keys = {compat_key(n) for n in usable if n.role == "prefill"}
     return any(compat_key(n) in prefill_keys for n in usable if n.role == "decode")
@@ -82,7 +82,8 @@ class Pairing:
     def pick(self, nodes: Mapping[str, NodeInfo], loads: Mapping[str, LoadReport], inflight: Mapping[str, int],
              input_ids: Sequence[int], exclude: frozenset[str] | set[str] = frozenset()) -> Target | None:
         """A target for one attempt, or None when nothing usable is left after ``exclude``."""
-        usable = sorted((n for n in nodes.values() if is_usable(n) and n.node_id not in exclude),
+        usable = sorted((n for n in nodes.values()   # generation never goes to --is-embedding nodes
+                         if is_usable(n) and not n.is_embedding and n.node_id not in exclude),
                         key=lambda n: n.node_id)
         decodes = [n for n in usable if n.role == "decode"]
         decode_keys = {compat_key(n) for n in decodes}

@@ -104,6 +104,7 @@ class EngineCore:
         self._inflight: InFlight | None = None    # launched, not yet committed
         self._unreleased: list[Request] = []      # finished while a launched step may still write their pages
         self.num_overlapped = 0                   # steps launched before the previous one completed
+        self.stream_interval = cfg.scheduler.stream_interval  # tokens per output delta (the last may be fewer)
 
     @property
     def vocab_size(self) -> int:
@@ -193,16 +194,29 @@ class EngineCore:
             self._unreleased = unreleased
             return self._fail(inflight.step, f"internal error: {exc}", in_flight=self._inflight is not None)
         self.scheduler.release_finished(unreleased)  # the step that could still write them is done
+        outputs = self._fail_nonfinite(inflight)
         done_before = {id(r) for r in inflight.step.reqs if r.is_finished}
         finished = self.scheduler.commit(inflight.step, sampled, release=self._inflight is None)
         if self._inflight is not None:
             self._unreleased += finished
-        outputs, seen = [], set(done_before)
+        seen = set(done_before)
         for req in inflight.step.reqs:
-            if id(req) not in seen and (req.num_sent < len(req.output_ids) or req.is_finished):
+            is_due = len(req.output_ids) - req.num_sent >= self.stream_interval  # --stream-interval
+            if id(req) not in seen and (is_due or req.is_finished):
                 seen.add(id(req))
                 outputs.append(take_delta(req))
         return outputs
+
+    def _fail_nonfinite(self, inflight: InFlight) -> list[RequestOutput]:
+        """--enable-nan-detection: the step's requests whose logits held NaN or inf fail (their
+        sampled token is never committed)."""
+        bad, step = inflight.launched.nonfinite, inflight.step
+        if not bad:
+            return []
+        log.error("NaN/inf logits for request(s) %s", [step.reqs[i].rid for i in bad])
+        return self._fail(ScheduledStep([step.reqs[i] for i in bad], [step.seqs[i] for i in bad]),
+                          "internal error: the model produced NaN or inf logits (--enable-nan-detection)",
+                          in_flight=self._inflight is not None)
 
     def _fail(self, step: ScheduledStep, error: str, in_flight: bool) -> list[RequestOutput]:
         outs = []

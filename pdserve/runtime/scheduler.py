@@ -81,6 +81,11 @@ class Scheduler:
     def schedule(self, allow_retract: bool = True) -> ScheduledStep | None:
         """The next step; None when it needs a retraction and ``allow_retract`` is False."""
         step = ScheduledStep([], [])
+        if self.cfg.disable_mixed_chunk:   # prefill-only steps first, decode-only otherwise
+            self._schedule_prefill(step)
+            if step:
+                return step
+            return step if self._schedule_decode(step, allow_retract) else None
         if not self._schedule_decode(step, allow_retract):
             return None
         self._schedule_prefill(step)
