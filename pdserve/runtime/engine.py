@@ -210,8 +210,9 @@ class EngineCore:
     def _fail_nonfinite(self, inflight: InFlight) -> list[RequestOutput]:
         """--enable-nan-detection: the step's requests whose logits held NaN or inf fail (their
         sampled token is never committed)."""
-        bad, step = inflight.launched.nonfinite, inflight.step
-        if not bad:
+        step = inflight.step
+        bad = [i for i in inflight.launched.nonfinite if not step.reqs[i].is_finished]
+        if not bad:   # (a step planned ahead may still carry a request that already failed)
             return []
         log.error("NaN/inf logits for request(s) %s", [step.reqs[i].rid for i in bad])
         return self._fail(ScheduledStep([step.reqs[i] for i in bad], [step.seqs[i] for i in bad]),
