@@ -7,7 +7,8 @@ import logging
 
 from pdserve.node_base import NodeBase, run_node
 from pdserve.protocol import AbortReq, GenerateReq, NodeMessage, TokenOut
-from pdserve.runtime.engine import EngineCore, RequestOutput
+from pdserve.runtime.dp_engine import make_engine_core
+from pdserve.runtime.engine import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,12 @@ class ColocatedNode(NodeBase):
 
     def __init__(self, cfg, runner=None) -> None:
         super().__init__(cfg, runner)
-        self.core = EngineCore(cfg.engine, self.runner)
-        self.kv = self.core.kv
+        self.core = make_engine_core(cfg.engine, self.runner)   # one engine per DP attention group, or one
+        self.kv = self.core.groups[0].kv   # pages for node-level work (warm-up, embeddings): group 0's under DP
         self.reply_to: dict[str, str] = {}
+
+    def cached_pages(self) -> int:
+        return sum(g.kv.cache.num_pages for g in self.core.groups if g.kv.cache is not None)
 
     def handle(self, msg: NodeMessage) -> None:
         if isinstance(msg, GenerateReq):

@@ -39,6 +39,7 @@ class DecodeJob:
     reply_to: str
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False      # aborted while KV was moving: pages stay until prefill confirms
+    group: int = 0               # DP attention group whose pages (and engine) hold it
 
 
 class DecodeNode(ColocatedNode):
@@ -105,24 +106,46 @@ class DecodeNode(ColocatedNode):
         return busy or bool(self.prealloc) or bool(self.transferring)
 
     def _admit(self) -> None:
-        sched, kv = self.core.scheduler, self.core.kv
-        while self.prealloc and len(sched.running) + len(self.transferring) < sched.max_running:
+        while self.prealloc:
             job = self.prealloc[0]
-            prompt_len = len(job.req.prompt_ids)
-            need = pages_for(prompt_len + 1, kv.page_size)   # the prompt and a first slice of output
-            moving = [j.req for j in self.transferring.values()]
-            if need + sched.reserve_pages([*moving, job.req]) > kv.available_pages():
-                if not sched.running and not self.transferring and need > kv.available_pages():
-                    self.prealloc.popleft()
-                    self._end(job, "error", f"prompt needs {need} pages, the pool has {kv.num_pages}")
-                    continue
+            verdict = self._pick_group(job)
+            if verdict is None:
                 return  # held back until pages free up
-            if not kv.ensure_capacity(job.req, prompt_len + 1):
+            if isinstance(verdict, str):
+                self.prealloc.popleft()
+                self._end(job, "error", verdict)
+                continue
+            job.group = verdict
+            grp = self.core.groups[verdict]
+            prompt_len = len(job.req.prompt_ids)
+            if not grp.kv.ensure_capacity(job.req, prompt_len + 1):
                 return
             self.prealloc.popleft()
             self.transferring[job.transfer_id] = job
             self.receiver.expect(job.transfer_id, job.prefill_bootstrap,
-                                 job.req.page_ids[:pages_for(prompt_len, kv.page_size)])
+                                 job.req.page_ids[:pages_for(prompt_len, grp.kv.page_size)], dp_group=verdict)
+
+    def _pick_group(self, job: DecodeJob) -> int | str | None:
+        """The attention group (one without DP attention) with room for the job's prompt and a first
+        slice of output beside its running batch's reserve, the emptiest first; None to wait; an
+        error text when no group could ever hold it."""
+        fits, never = [], True
+        for g, grp in enumerate(self.core.groups):
+            sched, kv = grp.scheduler, grp.kv
+            need = pages_for(len(job.req.prompt_ids) + 1, kv.page_size)   # the prompt and a first slice of output
+            moving = [j.req for j in self.transferring.values() if j.group == g]
+            busy = bool(sched.running) or bool(moving)
+            never = never and not busy and need > kv.available_pages()
+            if len(sched.running) + len(moving) >= sched.max_running:
+                continue
+            if need + sched.reserve_pages([*moving, job.req]) <= kv.available_pages():
+                fits.append((len(sched.running) + len(moving), -kv.available_pages(), g))
+        if fits:
+            return min(fits)[2]
+        if never:
+            kv = self.core.groups[0].kv
+            return f"prompt needs {pages_for(len(job.req.prompt_ids) + 1, kv.page_size)} pages, the pool has {kv.num_pages}"
+        return None
 
     def _poll_transfers(self) -> None:
         for ev in self.receiver.poll():
@@ -130,7 +153,7 @@ class DecodeNode(ColocatedNode):
             if job is None:
                 continue
             if job.cancelled:
-                self.core.kv.release(job.req, cache=False)
+                self.core.groups[job.group].kv.release(job.req, cache=False)
                 self.receiver.forget(ev.transfer_id)
                 continue
             self.receiver.forget(ev.transfer_id)
@@ -144,15 +167,16 @@ class DecodeNode(ColocatedNode):
         req.num_computed = len(req.prompt_ids)
         req.num_cached = first.cached_tokens
         req.append_token(first.token_id, first.logprob, first.top_logprobs)
+        grp = self.core.groups[job.group]
         if req.is_finished:
-            self.core.kv.release(req, cache=True)
+            grp.kv.release(req, cache=True)
             self._reply(job, take_delta(req))
             return
-        self.core.scheduler.add_running(req)
+        grp.scheduler.add_running(req)
         self._reply(job, take_delta(req))
 
     def _end(self, job: DecodeJob, reason: str, error: str | None) -> None:
-        self.core.kv.release(job.req, cache=False)
+        self.core.groups[job.group].kv.release(job.req, cache=False)
         job.req.finish(reason, error=error)
         self._reply(job, take_delta(job.req))
 

@@ -234,14 +234,46 @@ class EngineCore:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "free_pages": self.kv.num_free, "total_pages": self.kv.num_pages}
 
+    @property
+    def groups(self) -> list["EngineCore"]:
+        """The attention groups' engines (this one alone; several under DP attention: dp_engine.py)."""
+        return [self]
+
+    # -- for DPEngineCore, which runs one forward for the steps of several of these ---------------
+    def take_pending(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    def commit_launched(self, step: ScheduledStep, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for ``launched`` (this engine's part of a step) and commit it (no overlap)."""
+        self.scheduler.mark_launched(step)
+        outputs = self._complete(InFlight(step, launched))
+        self.scheduler.release_finished(self._unreleased)
+        self._unreleased = []
+        return outputs
+
+    def fail_step(self, step: ScheduledStep, error: str) -> list[RequestOutput]:
+        return self._fail(step, error, in_flight=False)
+
 
 class Engine:
     """Python API: ``Engine(model_path="smollm2", **flags).generate(prompts, sampling_params)``."""
 
     def __init__(self, model_path: str = "smollm2", **flags) -> None:
         self.config = engine_config(model_path=model_path, **flags)
-        self.core = EngineCore(self.config)
+        from pdserve.runtime.dp_engine import make_engine_core
+        self.core = make_engine_core(self.config, ModelRunner(self.config))
         self.tokenizer = self.core.runner.tokenizer
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (they also stop when this process exits)."""
+        self.core.runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _prepare(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
