@@ -88,3 +88,13 @@ def test_prefill_node_refuses_is_embedding(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prefill", "--is-embedding"])
     assert "pdserve: error: --is-embedding: colocated and decode nodes only" in capsys.readouterr().err
+
+
+def test_flags_page_marks_every_seed_flag():
+    from pathlib import Path
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in (Path(__file__).parents[2] / "docs" / "flags.md").read_text().splitlines()
+            if line.startswith("| `--")}
+    assert set(rows) == set(SEED_FLAGS)
+    assert all(rows[f] == "refused" for f in REFUSED)
+    assert all(rows[f] != "refused" for f in set(SEED_FLAGS) - set(REFUSED))
