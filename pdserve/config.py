@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +19,9 @@ from typing import Any, TypeVar
 from pdserve.seed_flags import add_refusals, aliases_of
 
 T = TypeVar("T")
+
+CLUSTER_SECRET_ENV = "PDSERVE_CLUSTER_SECRET"
+MIN_CLUSTER_SECRET_CHARS = 16
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -246,6 +250,28 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Data-plane authentication shared by every process of one cluster (docs/security.md)."""
+    cluster_secret: str | None = opt(None, "Shared secret of the cluster: every ZMQ socket between pdserve processes "
+                                     "(node sockets, the KV bootstrap channel, the router's node connections) is "
+                                     "CURVE-authenticated and encrypted with keys derived from it, and peers without "
+                                     "it are refused. At least 16 characters. Default: $PDSERVE_CLUSTER_SECRET, else "
+                                     "none (no authentication).")
+
+    def __post_init__(self) -> None:
+        flag = "--cluster-secret"
+        if self.cluster_secret is None and os.environ.get(CLUSTER_SECRET_ENV) is not None:
+            object.__setattr__(self, "cluster_secret", os.environ[CLUSTER_SECRET_ENV])
+            flag = f"${CLUSTER_SECRET_ENV}"
+        _check(self.cluster_secret is None or len(self.cluster_secret) >= MIN_CLUSTER_SECRET_CHARS, flag,
+               f"must be at least {MIN_CLUSTER_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`), "
+               f"got {len(self.cluster_secret or '')}")
+
+    def __repr__(self) -> str:   # configs get logged; the secret must not be
+        return f"SecurityConfig(cluster_secret={'***' if self.cluster_secret else None})"
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = opt("127.0.0.1", "HTTP bind address.")
     port: int = opt(8000, "HTTP port.")
@@ -259,6 +285,8 @@ class RouterConfig:
     allow_auto_truncate: bool = opt(False, "Cut prompts beyond the context length instead of refusing them.")
     max_prefill_retries: int = opt(2, "Times a request is re-prefilled on another node after a prefill failure.")
     request_timeout_s: float = opt(600.0, "Longest a request may run.")
+    metrics_no_auth: bool = opt(False, "Serve /metrics without --api-key (a scraper that cannot send a bearer token).")
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -323,6 +351,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         _check(not (self.role == "prefill" and self.engine.model.is_embedding), "--is-embedding",

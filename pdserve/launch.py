@@ -26,10 +26,11 @@ from pathlib import Path
 
 import httpx
 
-from pdserve.config import (EngineConfig, ModelConfig, NodeConfig, ParallelConfig, RouterConfig, TransferConfig,
-                            add_config_args, config_from_args, flag_name, opt)
+from pdserve.config import (CLUSTER_SECRET_ENV, EngineConfig, ModelConfig, NodeConfig, ParallelConfig, RouterConfig,
+                            TransferConfig, add_config_args, config_from_args, flag_name, opt)
 from pdserve.redis_server import RedisServer, die_with_parent
 from pdserve.router.server import ROUTER_MODEL_FIELDS
+from pdserve.security import derive_keys, redact_url
 
 # NodeConfig fields `up` sets per node itself (the router's --host/--port/--registry-url are not the nodes').
 PER_NODE_FIELDS = {"host", "port", "registry_url", "node_id"}
@@ -138,10 +139,12 @@ class Launcher:
 
     # -- starting ------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.registry_url is None:
-            self.redis = RedisServer(log_path=str(self.log_dir / "redis.log"))
+        if self.registry_url is None:   # with a cluster secret, a password derived from it guards Redis
+            secret = self.router_cfg.security.cluster_secret
+            self.redis = RedisServer(log_path=str(self.log_dir / "redis.log"),
+                                     password=derive_keys(secret).redis_password if secret else None)
             self.registry_url = self.redis.start()
-            say(f"redis at {self.registry_url}")
+            say(f"redis at {redact_url(self.registry_url)}")
         model_path = self._resolve_model()
         devices = gpu_devices()
         roles = ([("colocated", "serve")] * self.launch.colocated if self.launch.colocated else
@@ -188,11 +191,15 @@ class Launcher:
                                      served_model_name=self.router_cfg.served_model_name
                                      or default_served_name(self.engine.model.model_path))
         model = dataclasses.replace(self.engine.model, model_path=model_path)
-        return [*config_argv(router, skip={"host", "port"}), "--host", router.host, "--port", str(router.port),
+        return [*config_argv(router, skip={"host", "port", "cluster_secret"}),   # the secret goes by env
+                "--host", router.host, "--port", str(router.port),
                 *config_argv(model, only=ROUTER_MODEL_FIELDS), "--log-level", self.log_level]
 
     def _spawn(self, name: str, args: list[str], env: dict) -> None:
         log_path = self.log_dir / f"{name}.log"
+        secret = self.router_cfg.security.cluster_secret
+        if secret:   # through the environment: a process's argv is readable by every local user
+            env = {**env, CLUSTER_SECRET_ENV: secret}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "pdserve", *args], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent)

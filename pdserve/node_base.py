@@ -26,6 +26,7 @@ from pdserve.runtime.embedding import Embedder
 from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.watchdog import Watchdog, warm_up
+from pdserve.security import ClusterAuth, install
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class NodeBase:
                          if model.is_embedding else None)
         self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
+        self.auth = ClusterAuth(cfg.security.cluster_secret)   # CURVE on every socket (pdserve/security.py)
+        install(self.auth)                                      # ... the bootstrap channel's too
+        self.auth.serve(self.pull, f"the request socket of this {self.role} node")
         host = cfg.node.host
         if cfg.node.port:
             self.pull.bind(f"tcp://{host}:{cfg.node.port}")
@@ -82,6 +86,7 @@ class NodeBase:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.SNDHWM, 0)
+            self.auth.dial(sock, "a reply socket")
             sock.connect(reply_to)
             self._push[reply_to] = sock
         sock.send(encode(msg))

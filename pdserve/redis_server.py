@@ -61,11 +61,13 @@ def die_with_parent() -> None:
 class RedisServer:
     """``start()`` -> ``url``; ``stop()``. A stopped server can be started again on the same port."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: str | None = None,
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: str | None = None, *,
+                 password: str | None = None,
                  start_timeout_s: float = 10.0) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
+        self.password = password   # --requirepass; the url carries it (redis://:PASSWORD@host:port/0)
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
         self._workdir = tempfile.mkdtemp(prefix="pdserve-redis-")
@@ -73,7 +75,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def is_running(self) -> bool:
@@ -100,13 +103,19 @@ class RedisServer:
         cmd = [find_redis_server(), "--port", str(self.port), "--bind", self.host,
                "--save", "", "--appendonly", "no", "--dir", self._workdir,
                "--notify-keyspace-events", KEYSPACE_EVENTS, "--protected-mode", "no"]
+        if self.password:   # in a 0600 config file, not argv: other users can read a process's argv
+            conf = os.path.join(self._workdir, "auth.conf")
+            with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(f"requirepass {self.password}\n")
+            cmd.insert(1, conf)   # redis-server takes its config file as the first argument
         with open(self._log_file(), "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=die_with_parent)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.start_timeout_s
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -4,8 +4,8 @@
 ``/v1/models``: the served model. ``/health``: 200 only when a compatible prefill+decode pair or
 a colocated node is registered. ``/metrics``: Prometheus. ``/nodes``: the registry view as JSON
 (records, latest load, this router's in-flight attempts per node), for ``pdserve bench`` and
-operators. ``--api-key`` guards ``/v1`` and ``/nodes`` (not the probes ``/health`` and
-``/metrics``). Every error body has OpenAI's shape.
+operators. ``--api-key`` guards ``/v1``, ``/nodes`` and ``/metrics`` (unless ``--metrics-no-auth``;
+not the probe ``/health``). Every error body has OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
         return JSONResponse(body, status_code=200 if is_ok else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if not router.config.metrics_no_auth:
+            check_api_key(router, request)
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/nodes")

@@ -34,7 +34,7 @@ class Router:
         self.served_model_name = served_model_name
         self.default_context_length = context_length
         self.pairing = Pairing(config.policy)
-        self.client = NodeClient(config.host)
+        self.client = NodeClient(config.host, config.security.cluster_secret)
         self.metrics = RouterMetrics(self.nodes, self.loads)
         self.token_text = lru_cache(maxsize=65536)(lambda tid: tokenizer.decode([tid], skip_special_tokens=False))
         self._inflight: dict[str, int] = defaultdict(int)     # node_id -> attempts bound to it

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.protocol import NodeInfo, PrefillStatus, TokenOut, decode_router_message, encode
+from pdserve.security import ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def advertised_host(bind_host: str) -> str:
 
 
 class NodeClient:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", cluster_secret: str | None = None) -> None:
         self.host = host
+        self.auth = ClusterAuth(cluster_secret)   # CURVE on the reply socket and every node socket
         self._actx = zmq.asyncio.Context()
         self._ctx = zmq.Context()
         self._pull: zmq.asyncio.Socket | None = None
@@ -67,6 +69,7 @@ class NodeClient:
     async def start(self) -> None:
         self._pull = self._actx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)
+        self.auth.serve(self._pull, "the router's reply socket")
         bind = "*" if self.host in ("0.0.0.0", "::", "") else self.host
         port = self._pull.bind_to_random_port(f"tcp://{bind}")
         self.reply_to = f"tcp://{advertised_host(self.host)}:{port}"
@@ -109,6 +112,7 @@ class NodeClient:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.LINGER, 0)
+            self.auth.dial(sock, f"the router's socket to node {node.node_id}")
             sock.connect(node.addr)
             entry = self._push[node.node_id] = (node.addr, sock)
         try:

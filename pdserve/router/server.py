@@ -18,6 +18,7 @@ from pdserve.config import ModelConfig, RouterConfig, add_config_args, config_fr
 from pdserve.registry import RegistryView
 from pdserve.router.app import create_app
 from pdserve.router.core import Router
+from pdserve.security import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         parser.exit(2, f"pdserve router: error: {exc}\n")
     log.info("serving %r on http://%s:%d (registry %s, policy %s)", router.served_model_name, cfg.host, cfg.port,
-             cfg.registry_url, cfg.policy)
+             redact_url(cfg.registry_url), cfg.policy)
     config = uvicorn.Config(create_app(router), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

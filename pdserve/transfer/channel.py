@@ -11,6 +11,13 @@ answers pings, so a busy peer is not taken for a dead one. Every message (heartb
 refreshes the peer's last-seen time; a peer silent for ``peer_timeout_s`` is reported once as
 ``PeerLost`` and forgotten (its DEALER closed). A dialed peer that never answers counts from the
 dial, so an unreachable bootstrap endpoint is reported the same way.
+
+With a cluster secret (``pdserve.security``) the ROUTER is a CURVE server that admits only cluster
+members and every DEALER authenticates as one and requires its peer to be one: a peer without the
+secret never gets a message through (nor this node's NIXL metadata out of it), and a DEALER never
+hands its metadata to an endpoint that cannot prove it holds the secret. Its handshake fails; the
+refusal is logged, and a dialed peer that never authenticates is reported as ``PeerLost`` like
+any silent one. The messages themselves are untouched (``transfer/protocol.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import NamedTuple
 import msgspec
 import zmq
 
+from pdserve.security import ClusterAuth, installed_auth
 from pdserve.transfer.protocol import Heartbeat, TransferMessage, decode_message, encode
 
 log = logging.getLogger(__name__)
@@ -41,14 +49,17 @@ Received = tuple[str, "TransferMessage | PeerLost"]   # (peer key, message)
 
 class BootstrapChannel:
     def __init__(self, host: str, port: int, identity: str, *, heartbeat_interval_s: float,
-                 peer_timeout_s: float) -> None:
+                 peer_timeout_s: float, auth: ClusterAuth | None = None) -> None:
+        """``auth``: the cluster's credentials; default: the process's (``security.install``)."""
         self.identity = identity
+        self._auth = auth if auth is not None else installed_auth()
         self.heartbeat_interval_s = heartbeat_interval_s
         self.peer_timeout_s = peer_timeout_s
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a peer that re-dials keeps its id
+        self._auth.serve(self._router, f"the bootstrap channel of {identity}")
         if port:
             self._router.bind(f"tcp://{host}:{port}")
         else:
@@ -145,6 +156,7 @@ class BootstrapChannel:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
+        self._auth.dial(sock, f"the bootstrap channel of {self.identity}")
         sock.connect(endpoint)
         poller.register(sock, zmq.POLLIN)
         self._dealers[endpoint] = sock
