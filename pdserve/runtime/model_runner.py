@@ -292,7 +292,8 @@ class ModelRunner:
         """This rank's share of the step (every rank of a TP node runs it with the same seqs)."""
         if self.graphs is not None and self.graphs.can_run(seqs):
             return self.graphs.run(seqs, future, tokens)
-        if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
+        has_drafts = any(s.num_draft for s in seqs)   # verify steps run eagerly (every draft row's logits)
+        if self.prefill_graphs is not None and not has_drafts and self.prefill_graphs.can_run(seqs):
             return self.prefill_graphs.run(seqs, future, tokens)
         batch = build_forward_batch(seqs, self.layout.page_size, self.device)
         if future:
@@ -351,9 +352,14 @@ class ModelRunner:
             self.ranks.check()
 
     def close(self) -> None:
-        """Stop the other ranks of a TP node (rank 0; idempotent)."""
-        if self.ranks is not None:
-            self.ranks.close()
+        """Stop the other ranks of a TP node and leave the process group (rank 0; idempotent), so
+        the process can build another TP engine."""
+        if self.ranks is None or self.ranks.closed:
+            return
+        self.ranks.close()
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def launch(self, seqs: list[SeqChunk], reqs: list, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue forward + sampling of ``seqs`` (``reqs[i]`` owns ``seqs[i]``) on the device."""
