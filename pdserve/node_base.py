@@ -139,6 +139,8 @@ class NodeBase:
         serving = self.cfg.engine.serving
         if not serving.skip_server_warmup:
             warm_up(self.runner, self.kv)
+            if self.runner.sampler.grammar is not None:
+                self.runner.sampler.grammar.warm()   # structured output's library, in the background
         registrar = self._start_registrar()
         watchdog = Watchdog(serving.watchdog_timeout, on_stuck=lambda _: registrar and registrar.stop()).start()
         signal.signal(signal.SIGTERM, lambda *_: self.stop())

@@ -44,16 +44,74 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs: Any) -> str:
+        """Render ``messages``; ``tools`` (OpenAI function tools) go to a template that takes them,
+        else into a Hermes-style system message (see ``with_tools_prompt``)."""
         if not self.chat_template:
             raise ValueError(f"--chat-template: tokenizer {self.name!r} has no chat template; pass one")
+        if tools and not self.template_takes_tools:
+            messages = with_tools_prompt(messages, tools)
+        elif tools:
+            kwargs["tools"] = tools
         context = {**self.special_tokens, **kwargs}
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                               **context)
 
+    @property
+    def template_takes_tools(self) -> bool:
+        return bool(self.chat_template) and "tools" in self.chat_template
+
     @cached_property
     def _compiled_template(self):
         return compile_chat_template(self.chat_template)
+
+
+TOOLS_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> \
+XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def with_tools_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` for a template that knows nothing of tools: the tools described in the system
+    message (Hermes / Qwen wording), earlier tool calls written as ``<tool_call>`` blocks, and tool
+    results as user turns in ``<tool_response>`` blocks."""
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    prompt = TOOLS_PROMPT.format(tools=listing)
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") in ("system", "developer"):
+        out[0] = {**out[0], "role": "system", "content": f"{out[0].get('content') or ''}\n\n{prompt}".lstrip()}
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    for m in out:
+        if m.get("tool_calls"):
+            blocks = [f"<tool_call>\n{_call_json(c)}\n</tool_call>" for c in m.pop("tool_calls")]
+            m["content"] = "\n".join([m["content"]] * bool(m.get("content")) + blocks)
+        if m.get("role") == "tool":
+            m["role"] = "user"
+            m["content"] = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+    return out
+
+
+def _call_json(call: dict) -> str:
+    fn = call.get("function") or {}
+    args = fn.get("arguments") or "{}"
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        pass  # kept as the string the client sent
+    return json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
 
 
 def compile_chat_template(source: str):

@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 
 from pdserve.router.errors import APIError, bad_request, from_value_error
-from pdserve.sampling_params import SamplingParams
+from pdserve.router.tools import check_tools, response_format_grammar, tool_grammar, uses_tools
+from pdserve.sampling_params import GrammarSpec, SamplingParams
 
 MAX_N = 64
 
@@ -30,6 +31,8 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant turn that called tools
+    tool_call_id: str | None = None                  # a tool turn: which call it answers
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -54,6 +57,8 @@ class _Common(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    regex: str | None = None         # structured output (SGLang's extensions): the output matches it
+    ebnf: str | None = None
 
 
 class ChatRequest(_Common, kw_only=True):
@@ -63,6 +68,7 @@ class ChatRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -114,6 +120,8 @@ def _check_common(req: _Common) -> None:
     for s in stop_strings(req):
         if not s:
             raise bad_request("stop: stop strings must not be empty", param="stop")
+    if req.regex is not None and req.ebnf is not None:
+        raise bad_request("regex: give one of regex and ebnf", param="regex")
 
 
 def _check_chat(req: ChatRequest) -> None:
@@ -124,10 +132,13 @@ def _check_chat(req: ChatRequest) -> None:
                           param="max_completion_tokens")
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", param="top_logprobs")
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise bad_request("tools are not supported", param="tools")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise bad_request("response_format: only type 'text' is supported", param="response_format")
+    check_tools(req.tools, req.tool_choice)
+    constraints = [name for name, on in (("response_format", response_format_grammar(req.response_format)),
+                                         ("tools", uses_tools(req.tools, req.tool_choice)),
+                                         ("regex", req.regex is not None), ("ebnf", req.ebnf is not None)) if on]
+    if len(constraints) > 1:
+        raise bad_request(f"{constraints[1]}: cannot be combined with {constraints[0]} (both constrain the output)",
+                          param=constraints[1])
     for msg in req.messages:
         if msg.role not in ("system", "developer", "user", "assistant", "tool"):
             raise bad_request(f"messages: unknown role {msg.role!r}", param="messages")
@@ -150,16 +161,20 @@ def stop_strings(req: _Common) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop)
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     """Messages as the chat template wants them: role + plain-text content."""
     out = []
     for msg in req.messages:
         content = msg.content
         if isinstance(content, list):
             content = "".join(p.text or "" for p in content)
-        item = {"role": msg.role, "content": content or ""}
+        item: dict[str, Any] = {"role": msg.role, "content": content or ""}
         if msg.name:
             item["name"] = msg.name
+        if msg.tool_calls:
+            item["tool_calls"] = msg.tool_calls
+        if msg.tool_call_id:
+            item["tool_call_id"] = msg.tool_call_id
         out.append(item)
     return out
 
@@ -198,6 +213,21 @@ def requested_max_tokens(req: _Common) -> int | None:
     return req.max_tokens
 
 
+def grammar_of(req: _Common) -> GrammarSpec | None:
+    """The constraint on the output, if any (``_check_chat`` allows at most one)."""
+    if isinstance(req, ChatRequest):
+        if uses_tools(req.tools, req.tool_choice):
+            return tool_grammar(req.tools, req.tool_choice, req.parallel_tool_calls)
+        spec = response_format_grammar(req.response_format)
+        if spec is not None:
+            return spec
+    if req.regex is not None:
+        return GrammarSpec(kind="regex", source=req.regex)
+    if req.ebnf is not None:
+        return GrammarSpec(kind="ebnf", source=req.ebnf)
+    return None
+
+
 def sampling_params(req: _Common, max_new_tokens: int, seed_offset: int = 0) -> SamplingParams:
     """One choice's SamplingParams; invalid values are a 400 naming the OpenAI field."""
     logprobs, top_logprobs = wants_logprobs(req)
@@ -217,6 +247,7 @@ def sampling_params(req: _Common, max_new_tokens: int, seed_offset: int = 0) -> 
         seed=None if req.seed is None else req.seed + seed_offset,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        grammar=grammar_of(req),
     )
     try:
         return SamplingParams(**values).validate()

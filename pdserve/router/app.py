@@ -24,11 +24,13 @@ from pdserve.router.core import Router
 from pdserve.router.errors import APIError
 from pdserve.router.embeddings import add_embedding_routes
 from pdserve.router.generate import handle_generate
+from pdserve.runtime import grammar
 
 
 def create_app(router: Router) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        grammar.preload()   # structured output: xgrammar's import (seconds) off the event loop
         await router.start()
         try:
             yield

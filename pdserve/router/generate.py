@@ -30,6 +30,7 @@ from pdserve.router.output import ChoiceDelta, ChoiceOutput
 from pdserve.router.prompts import ChoiceJob, build_jobs, build_prompts, prompt_text
 from pdserve.router.responses import (SSE_DONE, CompletionLogprobs, ResponseShape, chat_logprobs, usage)
 from pdserve.router.stop import StopStrings
+from pdserve.router.tools import apply_tool_calls, tool_call_chunk, uses_tools
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ async def _stream(router: Router, run: GenerationRun, first: ChoiceDelta, shape:
     started: set[int] = set()
     lp_state: dict[int, CompletionLogprobs] = {}
     want_logprobs, _ = wants_logprobs(req)
+    tool_text: dict[int, list[str]] | None = {} if _tool_mode(req) else None
     try:
         event: ChoiceDelta | None = first
         while event is not None:
@@ -213,6 +215,12 @@ async def _stream(router: Router, run: GenerationRun, first: ChoiceDelta, shape:
                     yield shape.chunk(idx, text="", logprobs=None, finish_reason=None, role=True,
                                       with_usage_key=include_usage)
                 text = _echo_prefix(router, run, req, idx) + text
+            if tool_text is not None:   # tools: the choice's output goes out in one chunk at its end
+                tool_text.setdefault(idx, []).append(text)
+                if event.finish_reason is not None:
+                    yield tool_call_chunk(shape, idx, "".join(tool_text[idx]), event.finish_reason, include_usage)
+                event = await run.next_event()
+                continue
             if want_logprobs and shape.is_chat:
                 logprobs = chat_logprobs(event.logprobs)
             elif want_logprobs:
@@ -256,9 +264,14 @@ async def _collect(router: Router, run: GenerationRun, first: ChoiceDelta, shape
         if want_logprobs:
             logprobs = (chat_logprobs(entries[i]) if shape.is_chat
                         else CompletionLogprobs().block(entries[i], _echo_tokens(router, run, req, i)))
-        choices.append(shape.choice(i, prefix + "".join(texts[i]), logprobs, finish.get(i)))
+        choice = shape.choice(i, prefix + "".join(texts[i]), logprobs, finish.get(i))
+        choices.append(apply_tool_calls(choice, "".join(texts[i])) if _tool_mode(req) else choice)
     _observe_done(router, run)
     return shape.response(choices, run.usage())
+
+
+def _tool_mode(req) -> bool:
+    return isinstance(req, ChatRequest) and uses_tools(req.tools, req.tool_choice)
 
 
 def _observe_done(router: Router, run: GenerationRun) -> None:

@@ -18,6 +18,7 @@ import jinja2
 from pdserve.router.api_types import (ChatRequest, CompletionRequest, chat_messages, prompt_inputs,
                                       requested_max_tokens, sampling_params)
 from pdserve.router.errors import APIError, bad_request
+from pdserve.router.tools import uses_tools
 from pdserve.sampling_params import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
@@ -41,7 +42,9 @@ def build_prompts(router, req: ChatRequest | CompletionRequest) -> list[Prompt]:
     tok = router.tokenizer
     if isinstance(req, ChatRequest):
         try:
-            text = tok.apply_chat_template(chat_messages(req), add_generation_prompt=req.add_generation_prompt)
+            tools = req.tools if uses_tools(req.tools, req.tool_choice) else None
+            text = tok.apply_chat_template(chat_messages(req), add_generation_prompt=req.add_generation_prompt,
+                                           tools=tools)
         except jinja2.TemplateError as exc:
             raise bad_request(f"messages: the chat template refused them: {exc}", param="messages") from None
         except ValueError as exc:

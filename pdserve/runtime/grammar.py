@@ -42,12 +42,21 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 def _xgr():
-    import xgrammar  # imported on first use: a node that never sees a grammar does not pay for it
+    import xgrammar  # imports transformers: seconds on a loaded CPU, so ``preload`` starts it early
     return xgrammar
+
+
+def preload() -> threading.Thread:
+    """Import xgrammar in a daemon thread (router startup), so that the first structured-output
+    request does not stall the event loop for the import."""
+    thread = threading.Thread(target=_xgr, name="xgrammar-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def _fail(spec: GrammarSpec, what: str, exc: Exception) -> ValueError:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", detail)   # xgrammar's "[time] file.cc:line: " prefix
     return ValueError(f"{GRAMMAR_FIELDS.get(spec.kind, 'grammar')}: {what}: {detail[:300]}")
 
 
@@ -138,6 +147,11 @@ class GrammarBackend:
         self._bitmask: torch.Tensor | None = None   # [rows, ceil(V / 32)] int32, host
         self.num_compiled = 0
 
+    def warm(self) -> Future:
+        """Import xgrammar and index the vocabulary in the worker thread (node warm-up), so the first
+        structured-output request does not stall the step loop for seconds."""
+        return self._pool.submit(self._get_compiler)
+
     def check(self, params: SamplingParams) -> None:
         """Admission: a bad grammar is a ValueError naming the field; a good one starts compiling."""
         if params.grammar is not None:
@@ -156,12 +170,15 @@ class GrammarBackend:
                 self._cache.popitem(last=False)
             return fut
 
-    def _compile(self, spec: GrammarSpec):
+    def _get_compiler(self):
         with self._compiler_lock:
             if self._compiler is None:
                 info = tokenizer_info(self._get_tokenizer(), self.vocab_size)
                 self._compiler = _xgr().GrammarCompiler(info, max_threads=1)
-        compiled = self._compiler.compile_grammar(build_grammar(spec, self.ws_pattern))
+            return self._compiler
+
+    def _compile(self, spec: GrammarSpec):
+        compiled = self._get_compiler().compile_grammar(build_grammar(spec, self.ws_pattern))
         self.num_compiled += 1
         return compiled
 
