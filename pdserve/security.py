@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 KDF_SALT = b"pdserve-cluster-secret-v1"
 KDF_ITERATIONS = 100_000          # ~0.05 s once per process; slows guessing a weak secret offline
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-ZAP_DOMAIN = "pdserve"
 LOG_EVERY_S = 30.0
 
 _ids = itertools.count()
@@ -92,8 +91,7 @@ class ClusterAuth:
         sock.curve_secretkey = self.keys.server_secret
         sock.curve_publickey = self.keys.server_public
         sock.curve_server = True
-        sock.zap_domain = ZAP_DOMAIN.encode()
-        _ensure_zap_handler(sock.context, z85.decode(self.keys.client_public))
+        sock.zap_domain = _ensure_zap_handler(sock.context, z85.decode(self.keys.client_public))
         _watch(sock, what, is_server=True, on_failure=None)
 
     def dial(self, sock: zmq.Socket, what: str, on_failure: Callable[[str, str], None] | None = None) -> None:
@@ -159,35 +157,41 @@ _CLIENT_REASONS = {
 }
 
 
-# -- ZAP: one handler per libzmq context, admitting only the cluster's client key ------------------
+# -- ZAP: one handler per libzmq context; each secret's sockets are a ZAP domain of their own -------
 
-_zap_keys: dict[int, bytes] = {}        # context address -> the client public key (raw) it admits
+_zap_domains: dict[int, dict[bytes, bytes]] = {}   # context address -> {ZAP domain: client key (raw) it admits}
 _zap_lock = threading.Lock()
 
 
-def _ensure_zap_handler(ctx: zmq.Context, client_key: bytes) -> None:
+def zap_domain(client_key: bytes) -> bytes:
+    """The ZAP domain of one secret's sockets (a process normally has one; tests hold several)."""
+    return b"pdserve-" + hashlib.sha256(client_key).hexdigest()[:16].encode()
+
+
+def _ensure_zap_handler(ctx: zmq.Context, client_key: bytes) -> bytes:
+    """Start ``ctx``'s ZAP handler if it has none; admit ``client_key`` in its domain (returned)."""
+    domain = zap_domain(client_key)
     with _zap_lock:
-        known = _zap_keys.get(ctx.underlying)
-        if known is not None:
-            if known != client_key:
-                raise ValueError("--cluster-secret: two different secrets in one ZMQ context")
-            return
-        shadow = zmq.Context.shadow(ctx.underlying)
-        rep = shadow.socket(zmq.REP)
+        domains = _zap_domains.get(ctx.underlying)
+        if domains is not None:
+            domains[domain] = client_key
+            return domain
+        rep = zmq.Context.shadow(ctx.underlying).socket(zmq.REP)
         rep.linger = 0
         rep.bind(ZAP_ENDPOINT)
-        _zap_keys[ctx.underlying] = client_key
-    threading.Thread(target=_zap_loop, args=(rep, client_key, ctx.underlying), name="pdserve-zap",
-                     daemon=True).start()
+        domains = _zap_domains[ctx.underlying] = {domain: client_key}
+    threading.Thread(target=_zap_loop, args=(rep, domains, ctx.underlying), name="pdserve-zap", daemon=True).start()
+    return domain
 
 
-def _zap_loop(rep: zmq.Socket, client_key: bytes, ctx_addr: int) -> None:
+def _zap_loop(rep: zmq.Socket, domains: dict[bytes, bytes], ctx_addr: int) -> None:
     try:
         while True:
             frames = rep.recv_multipart()
-            version, request_id, _domain, address, _identity, mechanism = frames[:6]
-            credentials = frames[6:]
-            is_ok = mechanism == b"CURVE" and bool(credentials) and hmac.compare_digest(credentials[0], client_key)
+            version, request_id, domain, address, _identity, mechanism = frames[:6]
+            credentials, client_key = frames[6:], domains.get(domain)
+            is_ok = (mechanism == b"CURVE" and bool(credentials) and client_key is not None
+                     and hmac.compare_digest(credentials[0], client_key))
             if not is_ok:
                 log_refusal("a CURVE socket", address.decode(errors="replace"),
                             "its client key is not the cluster's (different --cluster-secret)")
@@ -198,7 +202,7 @@ def _zap_loop(rep: zmq.Socket, client_key: bytes, ctx_addr: int) -> None:
     finally:
         rep.close(linger=0)
         with _zap_lock:
-            _zap_keys.pop(ctx_addr, None)
+            _zap_domains.pop(ctx_addr, None)
 
 
 # -- handshake monitors -----------------------------------------------------------------------------

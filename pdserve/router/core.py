@@ -17,6 +17,7 @@ from functools import lru_cache
 from pdserve.config import RouterConfig
 from pdserve.protocol import LoadReport, NodeInfo
 from pdserve.registry import RegistryView
+from pdserve.router.dashboard import LiveStats
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.node_client import NodeClient, NodeGone
 from pdserve.router.pairing import Pairing, Target, has_capacity, is_usable
@@ -35,7 +36,9 @@ class Router:
         self.default_context_length = context_length
         self.pairing = Pairing(config.policy)
         self.client = NodeClient(config.host, config.security.cluster_secret)
+        self.client.on_refused = self._on_node_refused
         self.metrics = RouterMetrics(self.nodes, self.loads)
+        self.live = LiveStats(config.dispatch.slo_window_s, self.metrics.registry)   # dashboard, planner
         self.token_text = lru_cache(maxsize=65536)(lambda tid: tokenizer.decode([tid], skip_special_tokens=False))
         self._inflight: dict[str, int] = defaultdict(int)     # node_id -> attempts bound to it
         self._bound: dict[str, set[str]] = defaultdict(set)    # node_id -> attempt rids
@@ -98,6 +101,13 @@ class Router:
     def _on_registry_event(self, event: str, info: NodeInfo) -> None:
         """Registry view thread -> event loop."""
         if event == "removed" and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._node_removed, info)
+
+    def _on_node_refused(self, node_id: str) -> None:
+        """Monitor thread -> event loop: the node failed the cluster handshake (another --cluster-secret);
+        what was sent to it is never delivered, so its attempts end as if it had left."""
+        info = self.nodes().get(node_id)
+        if info is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._node_removed, info)
 
     def _node_removed(self, info: NodeInfo) -> None:

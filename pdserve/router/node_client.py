@@ -6,6 +6,11 @@ talks to and binds one PULL socket of its own, whose address travels in every re
 queue of the attempt whose ``rid`` they carry; replies for an attempt nobody waits for any more
 (aborted, finished) are dropped.
 
+With a cluster secret every socket is CURVE (``pdserve.security``). A node whose handshake fails
+(another secret, or none) is held as refused for ``REFUSAL_HOLD_S``: sends to it raise
+``NodeSendError`` at once and ``on_refused`` tells the router, which ends the attempts bound to it,
+so a misconfigured node costs a retry, not a request timeout.
+
 Sends are synchronous and non-blocking (ZMQ queues the message and returns), so an abort can be
 sent from a ``finally`` block of a cancelled task, where awaiting is no longer possible.
 """
@@ -13,8 +18,11 @@ sent from a ``finally`` block of a cancelled task, where awaiting is no longer p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+import time
+from typing import Callable
 
 import msgspec
 import zmq
@@ -24,6 +32,8 @@ from pdserve.protocol import NodeInfo, PrefillStatus, TokenOut, decode_router_me
 from pdserve.security import ClusterAuth
 
 log = logging.getLogger(__name__)
+
+REFUSAL_HOLD_S = 10.0
 
 
 class NodeGone(msgspec.Struct):
@@ -65,6 +75,8 @@ class NodeClient:
         self._recv_task: asyncio.Task | None = None
         self.reply_to = ""
         self.num_dropped = 0
+        self.refused: dict[str, tuple[str, float]] = {}        # node addr -> (why its handshake failed, when)
+        self.on_refused: Callable[[str], None] | None = None   # node_id; called from a monitor thread
 
     async def start(self) -> None:
         self._pull = self._actx.socket(zmq.PULL)
@@ -105,6 +117,9 @@ class NodeClient:
 
     def send(self, node: NodeInfo, msg: msgspec.Struct) -> None:
         """Queue ``msg`` for ``node`` without blocking; NodeSendError if ZMQ refuses it."""
+        refusal = self.refused.get(node.addr)
+        if refusal is not None and time.monotonic() - refusal[1] < REFUSAL_HOLD_S:
+            raise NodeSendError(node.node_id, f"cluster auth: {refusal[0]}")
         entry = self._push.get(node.node_id)
         if entry is None or entry[0] != node.addr:
             if entry is not None:
@@ -112,13 +127,19 @@ class NodeClient:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.LINGER, 0)
-            self.auth.dial(sock, f"the router's socket to node {node.node_id}")
+            self.auth.dial(sock, f"the router's socket to node {node.node_id}",
+                           on_failure=functools.partial(self._on_handshake_failed, node.node_id))
             sock.connect(node.addr)
             entry = self._push[node.node_id] = (node.addr, sock)
         try:
             entry[1].send(encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             raise NodeSendError(node.node_id, str(exc)) from None
+
+    def _on_handshake_failed(self, node_id: str, endpoint: str, reason: str) -> None:   # monitor thread
+        self.refused[endpoint] = (reason, time.monotonic())
+        if self.on_refused is not None:
+            self.on_refused(node_id)
 
     def forget(self, node_id: str) -> None:
         """Close the socket of a node that left (undelivered messages are dropped)."""
