@@ -103,7 +103,9 @@ def test_no_nodes_is_503_and_unhealthy(no_nodes):
 
 
 def test_unknown_route_and_method_have_openai_shape(no_nodes):
-    assert_error(no_nodes.post("/v1/embeddings", json={}), 404)
+    assert_error(no_nodes.post("/v1/moderations", json={}), 404)
+    assert_error(no_nodes.post("/v1/embeddings", json={}), 400)             # a route now: missing `input`
+    assert_error(no_nodes.post("/v1/embeddings", json={"input": "x"}), 503)  # no node at all
     assert_error(no_nodes.get("/v1/chat/completions"), 405)
 
 
