@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "decode": ("pdserve.decode.node", "Run a decode node."),
     "serve": ("pdserve.colocated_node", "Run a colocated node (prefill and decode in one engine)."),
     "router": ("pdserve.router.server", "Run the OpenAI-compatible router."),
+    "plan": ("pdserve.planner", "How many prefill and decode nodes the load needs to meet an SLO."),
     "bench": ("pdserve.bench.cli", "Measure TTFT, ITL, TPOT and goodput against a server."),
     "model": ("pdserve.model_pull", "Manage models: `pdserve model pull smollm2`."),
 }

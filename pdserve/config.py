@@ -272,6 +272,30 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class DispatchConfig:
+    """Where the router sends a request (conditional disaggregation) and when it sheds load (docs/router.md)."""
+    disagg_min_prefill_tokens: int = opt(0, "Prompts shorter than this many tokens skip the prefill pool: a decode "
+                                            "node prefills them itself (no KV transfer). 0 = always disaggregate.")
+    disagg_max_prefill_queue: int = opt(0, "When every prefill node holds more than this many requests (waiting + "
+                                           "running), requests go straight to a decode node. 0 = never.")
+    slo: str | None = opt(None, "Latency targets in seconds, e.g. 'ttft=1.0,tpot=0.05': the dashboard's planner "
+                                "panel and --admission-control's limit.")
+    admission_control: bool = opt(False, "Refuse requests with 429 + Retry-After while the --slo cannot be met at "
+                                         "the current load (needs --slo).")
+    slo_window_s: float = opt(60.0, "Seconds of recent TTFT/ITL samples behind the dashboard, the planner and "
+                                    "admission control.")
+
+    def __post_init__(self) -> None:
+        _check(self.disagg_min_prefill_tokens >= 0, "--disagg-min-prefill-tokens", "must be >= 0")
+        _check(self.disagg_max_prefill_queue >= 0, "--disagg-max-prefill-queue", "must be >= 0")
+        _check(self.slo_window_s > 0, "--slo-window-s", "must be positive")
+        _check(not self.admission_control or self.slo is not None, "--admission-control", "needs --slo")
+        if self.slo is not None:
+            from pdserve.planner import parse_slo
+            parse_slo(self.slo)   # ValueError naming --slo
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = opt("127.0.0.1", "HTTP bind address.")
     port: int = opt(8000, "HTTP port.")
@@ -287,6 +311,7 @@ class RouterConfig:
     request_timeout_s: float = opt(600.0, "Longest a request may run.")
     metrics_no_auth: bool = opt(False, "Serve /metrics without --api-key (a scraper that cannot send a bearer token).")
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
 
     def __post_init__(self) -> None:
         _check_choices(self)

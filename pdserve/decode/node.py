@@ -168,6 +168,8 @@ class DecodeNode(ColocatedNode):
         req.num_cached = first.cached_tokens
         req.append_token(first.token_id, first.logprob, first.top_logprobs)
         grp = self.core.groups[job.group]
+        if grp.kv.cache is not None:   # the prompt's full pages serve later requests with its prefix (n > 1)
+            grp.kv.cache.insert(req.prompt_ids, req.page_ids)
         if req.is_finished:
             grp.kv.release(req, cache=True)
             self._reply(job, take_delta(req))

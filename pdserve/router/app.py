@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.router.core import Router
+from pdserve.router.dashboard import add_dashboard_routes
 from pdserve.router.errors import APIError
 from pdserve.router.embeddings import add_embedding_routes
 from pdserve.router.generate import handle_generate
@@ -43,6 +44,7 @@ def create_app(router: Router) -> FastAPI:
     _add_generation_routes(app, router)
     add_embedding_routes(app, router)
     _add_info_routes(app, router)
+    add_dashboard_routes(app, router)   # /dashboard, /dashboard/data
     return app
 
 

@@ -13,18 +13,28 @@ pick (unless no other node is left) and the abandoned attempt is aborted on ever
 decode node leaving or reporting an error ends the choice with an ``APIError`` (the stream carries
 it as an error event). Whenever an attempt ends unfinished (error, client gone, stop string hit,
 timeout) ``AbortReq`` goes to its nodes so their KV pages are freed at once.
+
+Paths (``pdserve_router_dispatch_total{path, reason}``): ``disagg`` (prefill node + KV transfer),
+``direct`` (the decode node prefills the prompt itself: a short prompt or a busy prefill pool, see
+``pairing.direct_reason``; or a choice that follows its prompt's first choice, below) and
+``colocated``. With ``n > 1`` the choices of one prompt share one prefill: the first choice (the
+leader) runs first; once its first token arrives, the decode node holds the prompt's pages in its
+prefix cache (inserted when the transfer lands), and the other choices go straight to that decode
+node, which reuses them and computes only the prompt's last partial page. A leader that runs
+``direct`` or ``colocated`` (no transfer to share) releases the others at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
-from pdserve.protocol import AbortReq, GenerateReq, PrefillReq, PrefillStatus, TokenOut
+from pdserve.protocol import AbortReq, GenerateReq, NodeInfo, PrefillReq, PrefillStatus, TokenOut
 from pdserve.router.errors import APIError
 from pdserve.router.node_client import NodeGone, NodeSendError
-from pdserve.router.pairing import Target
+from pdserve.router.pairing import Target, direct_reason
 from pdserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,35 +51,104 @@ class RetryableFailure(Exception):
         self.node_id, self.reason = node_id, reason
 
 
+@dataclass
+class SharedPrefill:
+    """The choices of one prompt (n > 1): the leader publishes the decode node that holds its KV."""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    decode: NodeInfo | None = None
+
+    def publish(self, target: Target) -> None:
+        if not self.ready.is_set():
+            self.decode = target.decode if target.prefill is not None else None
+            self.ready.set()
+
+    def release(self) -> None:
+        self.ready.set()
+
+
+@dataclass
+class Route:
+    """One choice's routing context: its prompt's shared prefill (if n > 1) and where it decodes."""
+    shared: SharedPrefill | None = None
+    is_leader: bool = False
+    decode_id: str | None = None      # the decode node of the current attempt (ITL is read per node)
+
+
 async def generate(router: "Router", choice_rid: str, input_ids: list[int], sampling: SamplingParams,
-                   deadline: float) -> AsyncIterator[TokenOut]:
+                   deadline: float, route: Route | None = None) -> AsyncIterator[TokenOut]:
     """TokenOut messages of one choice (failover handled); raises APIError when it cannot finish."""
+    route = route or Route()
     excluded: set[str] = set()
     last: RetryableFailure | None = None
     num_attempts = router.config.max_prefill_retries + 1
-    for attempt_no in range(num_attempts):
-        # Nodes that failed this choice are avoided while others exist, then tried again (a failure
-        # may be transient); the attempt bound keeps this finite.
-        target = router.pick(input_ids, excluded) or (router.pick(input_ids, set()) if excluded else None)
-        if target is None:
-            break
-        attempt = Attempt(router, f"{choice_rid}-{attempt_no}", target, input_ids, sampling, deadline)
-        try:
-            async for out in attempt.run():
-                yield out
-            return
-        except RetryableFailure as failure:
-            last = failure
-            excluded.add(failure.node_id)
-            router.metrics.retries.labels(failure.reason).inc()
-            log.warning("attempt %s failed (%s); %s", attempt.rid, failure,
-                        "retrying" if attempt_no + 1 < num_attempts else "giving up")
-        finally:
-            attempt.close()
+    try:
+        follow = await _followed_decode(router, route, deadline)
+        for attempt_no in range(num_attempts):
+            target = _target(router, input_ids, excluded, route, follow if attempt_no == 0 else None)
+            if target is None:
+                break
+            route.decode_id = target.decode.node_id
+            attempt = Attempt(router, f"{choice_rid}-{attempt_no}", target, input_ids, sampling, deadline)
+            try:
+                async for out in attempt.run():
+                    if route.is_leader and out.token_ids:
+                        route.shared.publish(target)
+                    yield out
+                return
+            except RetryableFailure as failure:
+                last = failure
+                excluded.add(failure.node_id)
+                router.metrics.retries.labels(failure.reason).inc()
+                log.warning("attempt %s failed (%s); %s", attempt.rid, failure,
+                            "retrying" if attempt_no + 1 < num_attempts else "giving up")
+            finally:
+                attempt.close()
+    finally:
+        if route.is_leader:
+            route.shared.release()    # failed or done: the others must not wait on it
     if last is None:
         from pdserve.router.embeddings import generation_unavailable
         raise generation_unavailable(router)   # 400 when only embedding nodes are registered
     raise APIError(503, f"no node could serve the request ({last})", code="prefill_failed")
+
+
+async def _followed_decode(router: "Router", route: Route, deadline: float) -> NodeInfo | None:
+    """A follower waits for its leader's first token; then the decode node holding the prompt's KV."""
+    if route.shared is None or route.is_leader:
+        return None
+    try:
+        async with asyncio.timeout_at(deadline):
+            await route.shared.ready.wait()
+    except TimeoutError:
+        raise APIError(504, f"request timed out after {router.config.request_timeout_s:g}s", code="timeout") from None
+    decode = route.shared.decode
+    return decode if decode is not None and decode.node_id in router.nodes() else None
+
+
+def _target(router: "Router", input_ids: list[int], excluded: set[str], route: Route,
+            follow: NodeInfo | None) -> Target | None:
+    """Where the next attempt goes (counted by path), or None when no node is left."""
+    if follow is not None and follow.node_id not in excluded:
+        router.live.on_dispatch("direct", "shared_prefix")
+        return Target(decode=follow)
+    # Nodes that failed this choice are avoided while others exist, then tried again (a failure
+    # may be transient); the attempt bound keeps this finite.
+    target = router.pick(input_ids, excluded) or (router.pick(input_ids, set()) if excluded else None)
+    if target is None:
+        return None
+    cfg = router.config.dispatch
+    reason = direct_reason(len(input_ids), cfg.disagg_min_prefill_tokens, cfg.disagg_max_prefill_queue,
+                           router.nodes(), router.loads(), router.inflight(), target)
+    if reason is not None:
+        target = Target(decode=target.decode)
+        router.live.on_dispatch("direct", reason)
+    elif target.prefill is not None:
+        router.live.on_dispatch("disagg", "prefill_pool")
+    else:
+        router.live.on_dispatch("colocated", "no_pair")
+    if route.is_leader and target.prefill is None:
+        route.shared.release()     # nothing is transferred, so nothing to share: the others go now
+    return target
 
 
 class Attempt:
@@ -158,6 +237,8 @@ class Attempt:
         if prefill is None:
             return
         self.router.metrics.observe_prefill(prefill.node_id, status)
+        if status.ok and status.kv_bytes > 0:
+            self.router.live.on_transfer(prefill.node_id, status.kv_bytes, status.transfer_ms)
         if status.ok:
             self._release_prefill()
         elif not self.has_tokens:

@@ -25,6 +25,7 @@ from pdserve.router import dispatch
 from pdserve.router.api_types import (ChatRequest, CompletionRequest, parse_request, requested_max_tokens,
                                       sampling_params, stop_strings, wants_logprobs)
 from pdserve.router.core import Router
+from pdserve.router.dashboard import admission
 from pdserve.router.errors import APIError, unavailable
 from pdserve.router.output import ChoiceDelta, ChoiceOutput
 from pdserve.router.prompts import ChoiceJob, build_jobs, build_prompts, prompt_text
@@ -56,6 +57,7 @@ class GenerationRun:
         self.router, self.rid, self.jobs, self.arrival = router, rid, jobs, arrival
         want_logprobs, _ = wants_logprobs(req)
         stops = StopStrings(stop_strings(req))
+        self.routes = _routes(jobs)
         self.outputs = [ChoiceOutput(job.index, router.tokenizer, stops, router.token_text,
                                      want_logprobs=want_logprobs, skip_special_tokens=req.skip_special_tokens)
                         for job in jobs]
@@ -66,8 +68,8 @@ class GenerationRun:
 
     def start(self) -> None:
         deadline = asyncio.get_running_loop().time() + self.router.config.request_timeout_s
-        self.tasks = [asyncio.create_task(self._run_choice(job, out, deadline), name=f"{self.rid}-{job.index}")
-                      for job, out in zip(self.jobs, self.outputs)]
+        self.tasks = [asyncio.create_task(self._run_choice(job, out, route, deadline), name=f"{self.rid}-{job.index}")
+                      for job, out, route in zip(self.jobs, self.outputs, self.routes)]
 
     def cancel(self) -> None:
         for task in self.tasks:
@@ -89,12 +91,12 @@ class GenerationRun:
             self.num_finished += 1
         return event
 
-    async def _run_choice(self, job: ChoiceJob, output: ChoiceOutput, deadline: float) -> None:
+    async def _run_choice(self, job: ChoiceJob, output: ChoiceOutput, route: dispatch.Route, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        metrics, last_at = self.router.metrics, None
+        metrics, live, last_at = self.router.metrics, self.router.live, None
         try:
             gen = dispatch.generate(self.router, f"{self.rid}-{job.index}", job.prompt.input_ids, job.sampling,
-                                    deadline)
+                                    deadline, route)
             try:
                 async for out in gen:
                     now = loop.time()
@@ -102,8 +104,10 @@ class GenerationRun:
                         if self.first_token_at is None:
                             self.first_token_at = now
                             metrics.ttft.observe(now - self.arrival)
+                            live.on_ttft(now - self.arrival)
                     else:
                         metrics.itl.observe(now - last_at)
+                        live.on_itl(now - last_at, self.router.inflight().get(route.decode_id, 1))
                     last_at = now
                     delta = output.add(out)
                     if delta.text or delta.logprobs or delta.finish_reason:
@@ -115,6 +119,7 @@ class GenerationRun:
             if not output.is_finished:
                 raise APIError(500, "the node ended the stream without a finish reason")
             metrics.completion_tokens.inc(output.num_tokens)
+            live.on_output(output.num_tokens)
         except APIError as exc:
             self.queue.put_nowait(exc)
         except Exception as exc:  # a bug must reach the client as a 500, never as a hang
@@ -126,6 +131,36 @@ class GenerationRun:
         prompt_tokens = sum(len(p.input_ids) for p, _ in prompts.values())
         cached = sum(out.cached_tokens for _, out in prompts.values())
         return usage(prompt_tokens, sum(o.num_tokens for o in self.outputs), cached)
+
+
+def _routes(jobs: list[ChoiceJob]) -> list[dispatch.Route]:
+    """n > 1: the choices of one prompt share its prefill (dispatch.SharedPrefill); the first leads."""
+    shared: dict[int, dispatch.SharedPrefill] = {}
+    counts: dict[int, int] = {}
+    for job in jobs:
+        counts[job.prompt_index] = counts.get(job.prompt_index, 0) + 1
+    routes = []
+    for job in jobs:
+        if counts[job.prompt_index] == 1:
+            routes.append(dispatch.Route())
+            continue
+        is_leader = job.prompt_index not in shared
+        group = shared.setdefault(job.prompt_index, dispatch.SharedPrefill())
+        routes.append(dispatch.Route(shared=group, is_leader=is_leader))
+    return routes
+
+
+def _shed(router: Router) -> Response | None:
+    """--admission-control: a 429 with Retry-After (OpenAI's error shape) when the --slo cannot be met."""
+    if not router.config.dispatch.admission_control:
+        return None
+    verdict = admission(router)
+    if verdict.admit:
+        return None
+    router.live.on_shed()
+    err = APIError(429, f"The server is over its latency targets (--slo): {verdict.reason}. "
+                        f"Retry after {verdict.retry_after_s}s.", code="slo_overload")
+    return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(verdict.retry_after_s)})
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -162,7 +197,12 @@ async def handle_generate(router: Router, request: Request, is_chat: bool) -> Re
     if not router.is_healthy():
         raise unavailable()
     jobs = build_jobs(router, req, prompts)
+    shed = _shed(router)
+    if shed is not None:
+        return shed
     router.metrics.prompt_tokens.inc(sum(len(p.input_ids) for p in prompts))
+    for job in jobs:
+        router.live.on_arrival(len(job.prompt.input_ids))
     rid = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
     shape = ResponseShape(rid, router.served_model_name, int(time.time()), is_chat)
     run = GenerationRun(router, rid, jobs, req, arrival)

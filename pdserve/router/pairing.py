@@ -18,6 +18,11 @@ does not re-page) and speak this router's ``PROTOCOL_VERSION``. Then a policy:
   wins. Decode nodes get ``least_load`` (their KV comes from the transfer, not a prefix cache).
 
 PD pairs are preferred; colocated nodes serve when no compatible pair exists.
+
+Conditional disaggregation (``direct_reason``): a PD pick still goes straight to its decode node,
+which prefills the prompt itself, when the prompt is shorter than ``--disagg-min-prefill-tokens``
+(a transfer costs more than it saves) or when every prefill node holds more than
+``--disagg-max-prefill-queue`` requests (the decode pool has room the prefill pool lacks).
 """
 
 from __future__ import annotations
@@ -143,3 +148,19 @@ def load_score(node_id: str, loads: Mapping[str, LoadReport], inflight: Mapping[
     busy = max(reported, inflight.get(node_id, 0))
     used = 1.0 - report.free_pages / report.total_pages if report is not None and report.total_pages else 0.0
     return (busy, used)
+
+
+def direct_reason(num_prompt_tokens: int, min_prefill_tokens: int, max_prefill_queue: int,
+                  nodes: Mapping[str, NodeInfo], loads: Mapping[str, LoadReport], inflight: Mapping[str, int],
+                  target: Target) -> str | None:
+    """Why a PD target should skip its prefill node ("short_prompt", "prefill_busy"), or None."""
+    if target.prefill is None:
+        return None
+    if num_prompt_tokens < min_prefill_tokens:
+        return "short_prompt"
+    if max_prefill_queue > 0:
+        key = compat_key(target.prefill)
+        pool = [n for n in nodes.values() if n.role == "prefill" and is_usable(n) and compat_key(n) == key]
+        if pool and all(load_score(n.node_id, loads, inflight)[0] > max_prefill_queue for n in pool):
+            return "prefill_busy"
+    return None
