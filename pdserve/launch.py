@@ -308,6 +308,8 @@ def launcher_from_args(args: argparse.Namespace) -> "Launcher":
     if launch.colocated and ("prefill" in values or "decode" in values):
         raise ValueError("--colocated: start either colocated nodes or prefill/decode nodes, not both")
     engine = config_from_args(EngineConfig, values)
+    if engine.model.is_embedding and not launch.colocated:
+        raise ValueError("--is-embedding: prefill nodes do not embed; start embedding nodes with --colocated K")
     for role in ("colocated",) if launch.colocated else ("prefill", "decode"):
         launch.parallel_for(role, engine.parallel)   # each role's layout is valid before anything starts
     return Launcher(launch, config_from_args(RouterConfig, values), engine,

@@ -98,3 +98,9 @@ def test_flags_page_marks_every_seed_flag():
     assert set(rows) == set(SEED_FLAGS)
     assert all(rows[f] == "refused" for f in REFUSED)
     assert all(rows[f] != "refused" for f in set(SEED_FLAGS) - set(REFUSED))
+
+
+def test_up_refuses_is_embedding_for_prefill_nodes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--is-embedding"])
+    assert "--is-embedding: prefill nodes do not embed; start embedding nodes with --colocated K" in capsys.readouterr().err
