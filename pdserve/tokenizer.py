@@ -155,7 +155,8 @@ def load_tokenizer(path_or_gguf: str, tokenizer_path: str | None = None, chat_te
     elif os.path.isfile(source) and source.endswith(".json"):
         tok = _from_hf(os.path.dirname(source) or ".", source)
     else:
-        tok = _from_hf(source, os.path.join(source, "tokenizer.json"))
+        tok = _from_hf(source, os.path.join(source, "tokenizer.json"),
+                       "--tokenizer-path" if tokenizer_path else "--model-path")
     if chat_template:
         tok.chat_template = _read_template(chat_template)
     return tok
@@ -171,9 +172,9 @@ def _from_gguf(path: str, cache_dir: str | None) -> Tokenizer:
                      special_tokens=data.special_tokens)
 
 
-def _from_hf(folder: str, tokenizer_json: str) -> Tokenizer:
-    if not os.path.isfile(tokenizer_json):
-        raise ValueError(f"--tokenizer-path: no tokenizer.json in {folder}")
+def _from_hf(folder: str, tokenizer_json: str, flag: str = "--tokenizer-path") -> Tokenizer:
+    if not os.path.isfile(tokenizer_json):   # ``flag``: the one the user gave (the model's folder by default)
+        raise ValueError(f"{flag}: no tokenizer.json in {folder}")
     backend = _HFTokenizer.from_file(tokenizer_json)
     config = _read_json(os.path.join(folder, "tokenizer_config.json"))
     special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
