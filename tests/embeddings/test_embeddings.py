@@ -3,15 +3,12 @@ and through the real router (real redis-server, a real node process, the officia
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 import torch
+
+from tests.node_procs import start_serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -66,23 +63,7 @@ def test_engine_refuses_bad_inputs_with_400(runner):
     assert kv.num_free == kv.num_pages
 
 
-def start_node(model: str, redis_url: str, log_path: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pdserve", "serve", "--model-path", model, "--registry-url", redis_url,
-           "--max-total-tokens", "2048", "--cpu-threads", "1", "--registry-ttl-s", "2", *extra]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_for(predicate, timeout_s: float, proc: subprocess.Popen, log_path: str) -> None:
+def wait_for(predicate, timeout_s: float, proc, log_path: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if proc.poll() is not None:
@@ -96,8 +77,7 @@ def test_router_embeddings_through_openai_client(smollm2_path, hf_smollm2, token
 
     from tests.router.util import RouterHarness, make_router
 
-    log_path = tempfile.mktemp(suffix=".log")
-    node = start_node(smollm2_path, redis_server.url, log_path, "--is-embedding")
+    node, log_path = start_serve(smollm2_path, redis_server.url, "--is-embedding")
     router = make_router(tokenizer, redis_server.url)
     harness = RouterHarness(router).start()
     try:

@@ -5,12 +5,6 @@ processes, a real redis-server)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -23,6 +17,7 @@ from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.request import Request
 from pdserve.runtime.scheduler import Scheduler
 from pdserve.sampling_params import SamplingParams
+from tests.node_procs import start_serve, stop, wait_ready
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -127,35 +122,6 @@ def test_nan_logits_fail_the_request_with_an_error(runner):
 
 # -- node processes: the watchdog, the warm-up, --base-gpu-id, --num-continuous-decode-steps ----
 
-def _start(model: str, redis_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    log_path = tempfile.mktemp(suffix=".log")
-    cmd = [sys.executable, "-m", "pdserve", "serve", "--model-path", model, "--registry-url", redis_url,
-           "--max-total-tokens", "2048", "--cpu-threads", "1", "--registry-ttl-s", "3", *extra]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    return proc, log_path
-
-
-def _ready(proc: subprocess.Popen, log_path: str) -> dict:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY "):
-            return json.loads(line[len("READY "):])
-        if not line and proc.poll() is not None:
-            break
-    raise RuntimeError(f"node did not start: {open(log_path).read()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 class _Client:
     def __init__(self) -> None:
         self.ctx = zmq.Context.instance()
@@ -186,12 +152,12 @@ def test_stuck_step_kills_the_node_and_its_record_goes_at_once(smollm2_path, red
     from pdserve.registry import RegistryView
     from pdserve.runtime.watchdog import EXIT_STUCK
 
-    proc, log_path = _start(smollm2_path, redis_server.url, "--watchdog-timeout", "0.05",
+    proc, log_path = start_serve(smollm2_path, redis_server.url, "--watchdog-timeout", "0.05",
                             "--chunked-prefill-size", "1024", "--max-prefill-tokens", "1024")
     view = RegistryView(redis_server.url, scan_interval_s=0.2).start()
     client = _Client()
     try:
-        node = _ready(proc, log_path)
+        node = wait_ready(proc, log_path)
         assert view.wait_for(lambda nodes: node["node_id"] in nodes, 10)
         client.generate(node, "stuck", list(range(1, 601)), SamplingParams(max_new_tokens=2, **GREEDY))
         assert proc.wait(30) == EXIT_STUCK
@@ -203,16 +169,16 @@ def test_stuck_step_kills_the_node_and_its_record_goes_at_once(smollm2_path, red
     finally:
         client.close()
         view.stop()
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.mark.slow
 def test_node_flags_skip_warmup_gpu_ids_and_continuous_steps(smollm2_path, redis_server):
-    proc, log_path = _start(smollm2_path, redis_server.url, "--skip-server-warmup", "--base-gpu-id", "1",
+    proc, log_path = start_serve(smollm2_path, redis_server.url, "--skip-server-warmup", "--base-gpu-id", "1",
                             "--gpu-id-step", "2", "--num-continuous-decode-steps", "4", "--stream-interval", "3")
     client = _Client()
     try:
-        node = _ready(proc, log_path)
+        node = wait_ready(proc, log_path)
         client.generate(node, "r", list(range(1, 9)), SamplingParams(max_new_tokens=7, **GREEDY))
         outs = client.collect()
         assert [len(o.token_ids) for o in outs] == [3, 3, 1] and outs[-1].finish_reason == "length"
@@ -221,4 +187,4 @@ def test_node_flags_skip_warmup_gpu_ids_and_continuous_steps(smollm2_path, redis
         assert "--base-gpu-id/--gpu-id-step ignored: running on cpu" in log
     finally:
         client.close()
-        _stop(proc)
+        stop(proc)
