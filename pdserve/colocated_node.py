@@ -70,6 +70,9 @@ class ColocatedNode(NodeBase):
     def load(self) -> dict:
         return self.core.load()
 
+    def metrics(self) -> dict:
+        return self.core.metrics() if hasattr(self.core, "metrics") else {}   # (none under DP attention)
+
 
 def main(argv: list[str]) -> int:
     return run_node(ColocatedNode, "colocated", argv)

@@ -242,11 +242,19 @@ class NodeConfig:
     node_id: str | None = opt(None, "Name in the registry; default role-host-port.")
     load_report_interval_s: float = opt(0.25, "Seconds between load reports to the registry.")
     registry_ttl_s: float = opt(3.0, "Registry record TTL; refreshed by heartbeat.")
+    drain_timeout_s: float = opt(30.0, "On SIGTERM the node takes no new requests and finishes the ones it holds "
+                                       "for at most this long; what is left then ends with a retryable 503. "
+                                       "0 = stop at once. A second SIGTERM stops at once.")
+    metrics_port: int = opt(0, "Port of this node's Prometheus /metrics (HTTP); 0 = any free port (its URL is "
+                               "in the registry record and the router's /nodes), -1 = no metrics server.")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "--port", f"must be a port, got {self.port}")
         _check(self.registry_ttl_s > self.load_report_interval_s, "--registry-ttl-s",
                "must exceed --load-report-interval-s")
+        _check(self.drain_timeout_s >= 0, "--drain-timeout-s", f"must be >= 0, got {self.drain_timeout_s:g}")
+        _check(-1 <= self.metrics_port < 65536, "--metrics-port",
+               f"must be a port, 0 (any free port) or -1 (off), got {self.metrics_port}")
 
 
 @dataclass(frozen=True)
@@ -357,6 +365,67 @@ class GrammarConfig:
                    "needs a grammar backend (not --grammar-backend none)")
 
 
+SPECULATIVE_ALGORITHMS_REFUSED = ("EAGLE", "EAGLE3", "NEXTN", "MTP", "STANDALONE")
+DEFAULT_NGRAM_STEPS = 4
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding without a draft model: n-gram (prompt-lookup) drafts verified in one forward
+    (docs/speculative.md)."""
+    speculative_algorithm: str | None = opt(None, "NGRAM: draft each greedy request's next tokens by matching its "
+                                            "last tokens against its prompt and output so far, verify them in one "
+                                            "forward. Draft-model algorithms (EAGLE, EAGLE3, STANDALONE) are refused.")
+    speculative_num_steps: int | None = opt(None, f"Tokens drafted per request per step (default "
+                                                  f"{DEFAULT_NGRAM_STEPS}, or --speculative-num-draft-tokens - 1).")
+    speculative_num_draft_tokens: int | None = opt(None, "Tokens per request in a verify forward: the last "
+                                                         "accepted one plus the drafted ones (= steps + 1).")
+    speculative_eagle_topk: int | None = opt(None, "Draft branches per step: only 1 (NGRAM drafts one chain).")
+    speculative_draft_model_path: str | None = opt(None, "Refused: no draft model can be downloaded here; "
+                                                         "--speculative-algorithm NGRAM needs none.")
+    speculative_token_map: str | None = opt(None, "Refused: an EAGLE hot-token map (no EAGLE here).")
+    speculative_ngram_min_match_window_size: int = opt(1, "Shortest suffix of a request's tokens matched to draft.")
+    speculative_ngram_max_match_window_size: int = opt(12, "Longest suffix matched (the longest match wins).")
+
+    def __post_init__(self) -> None:
+        algo = self.speculative_algorithm
+        if algo is not None:
+            object.__setattr__(self, "speculative_algorithm", algo := algo.upper())
+            _check(algo not in SPECULATIVE_ALGORITHMS_REFUSED, "--speculative-algorithm",
+                   f"{algo} needs a draft model and none can be downloaded here; use NGRAM (no draft model)")
+            _check(algo == "NGRAM", "--speculative-algorithm", f"{algo!r} is not one of NGRAM")
+        _check(self.speculative_draft_model_path is None, "--speculative-draft-model-path",
+               "no draft model can be downloaded here; --speculative-algorithm NGRAM needs none")
+        _check(self.speculative_token_map is None, "--speculative-token-map", "EAGLE only; pdserve has no EAGLE")
+        _check(self.speculative_eagle_topk in (None, 1), "--speculative-eagle-topk",
+               f"NGRAM drafts one chain, so only 1, got {self.speculative_eagle_topk}")
+        steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
+        for flag, value in (("--speculative-num-steps", steps), ("--speculative-num-draft-tokens", tokens)):
+            _check(value is None or algo is not None, flag, "needs --speculative-algorithm NGRAM")
+        _check(steps is None or 1 <= steps <= 64, "--speculative-num-steps", f"must be in [1, 64], got {steps}")
+        _check(tokens is None or 2 <= tokens <= 65, "--speculative-num-draft-tokens",
+               f"must be in [2, 65], got {tokens}")
+        _check(steps is None or tokens is None or tokens == steps + 1, "--speculative-num-draft-tokens",
+               f"must be --speculative-num-steps + 1 = {steps and steps + 1} (one chain), got {tokens}")
+        lo, hi = self.speculative_ngram_min_match_window_size, self.speculative_ngram_max_match_window_size
+        _check(lo >= 1, "--speculative-ngram-min-match-window-size", f"must be >= 1, got {lo}")
+        _check(hi >= lo, "--speculative-ngram-max-match-window-size",
+               f"must be >= --speculative-ngram-min-match-window-size ({lo}), got {hi}")
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.speculative_algorithm is not None
+
+    @property
+    def num_draft(self) -> int:
+        """Tokens drafted per request per step."""
+        if self.speculative_num_steps is not None:
+            return self.speculative_num_steps
+        if self.speculative_num_draft_tokens is not None:
+            return self.speculative_num_draft_tokens - 1
+        return DEFAULT_NGRAM_STEPS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine (colocated, prefill or decode) needs."""
@@ -367,6 +436,11 @@ class EngineConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     grammar: GrammarConfig = field(default_factory=GrammarConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        _check(not (self.speculative.is_enabled and self.parallel.enable_dp_attention), "--speculative-algorithm",
+               "not with --enable-dp-attention (its joint steps verify no drafts)")
 
 
 @dataclass(frozen=True)

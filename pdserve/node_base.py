@@ -71,6 +71,10 @@ class NodeBase:
     def load(self) -> dict:
         raise NotImplementedError
 
+    def metrics(self) -> dict[str, float]:
+        """Engine counters beyond ``load()`` (NodeStats.metrics); none by default."""
+        return {}
+
     def bootstrap_endpoint(self) -> str | None:
         return None
 
@@ -118,7 +122,8 @@ class NodeBase:
                 continue
             if isinstance(msg, StatsReq):
                 self.send(msg.reply_to, NodeStats(node_id=self.node_id, role=self.role,
-                                                  cached_pages=self.cached_pages(), **self.load()))
+                                                  cached_pages=self.cached_pages(), metrics=self.metrics(),
+                                                  **self.load()))
             elif isinstance(msg, EmbedReq) or (self.embedder is not None and isinstance(msg, GenerateReq)):
                 self._embed_or_refuse(msg)
             else:

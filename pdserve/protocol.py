@@ -106,6 +106,7 @@ class NodeStats(msgspec.Struct, tag="node_stats", kw_only=True):
     free_pages: int
     total_pages: int
     cached_pages: int = 0
+    metrics: dict[str, float] = {}       # engine counters (speculative decoding: EngineCore.metrics)
 
 
 NodeMessage = GenerateReq | PrefillReq | AbortReq | StatsReq | EmbedReq

@@ -10,6 +10,12 @@ sampled ids on the device (``FUTURE_TOKEN``). The price: a request that hits a s
 has one wasted row in N+1 (discarded), and its pages are released only once N+1 is done. Steps
 that cannot be planned ahead (penalties need the previous token on the host; a retraction needs
 N's results) run after N completes, as in the synchronous loop.
+
+Speculative decoding (--speculative-algorithm NGRAM, ``spec_ngram.py``): while a request that can
+speculate is running, steps are not planned ahead (drafts need the previous token on the host);
+a step that carries drafts runs forward, sampling and verification at once (``SpecLaunched``)
+and is committed in the same ``step()``. ``metrics()`` reports the acceptance rate and tokens per
+verify step.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.model_runner import LaunchedStep, ModelRunner
 from pdserve.runtime.request import Request
 from pdserve.runtime.scheduler import ScheduledStep, Scheduler
+from pdserve.runtime.spec_ngram import NgramDrafter, SpecLaunched, SpecStats, can_speculate
 from pdserve.sampling_params import SamplingParams, sampling_params_from
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,9 @@ class EngineCore:
         self.kv = KVManager(self.runner.pool.num_pages, cfg.cache.page_size,
                             enable_prefix_cache=not cfg.cache.disable_radix_cache)
         max_running = cfg.scheduler.max_running_requests or min(256, self.kv.num_pages)
-        self.scheduler = Scheduler(cfg.scheduler, self.kv, max_running, self.runner.context_length)
+        self.drafter = NgramDrafter(cfg.speculative) if cfg.speculative.is_enabled else None
+        self.spec_stats = SpecStats()
+        self.scheduler = Scheduler(cfg.scheduler, self.kv, max_running, self.runner.context_length, self.drafter)
         self.eos_ids = frozenset(self.runner.loaded.eos_token_ids)
         if overlap is None:
             overlap = not cfg.kernel.disable_overlap_schedule
@@ -148,7 +157,7 @@ class EngineCore:
             self.num_overlapped += prev is not None
         if prev is not None:
             outputs += self._complete(prev)
-        if self._inflight is not None and not self.overlap:
+        if self._inflight is not None and (not self.overlap or isinstance(self._inflight.launched, SpecLaunched)):
             inflight, self._inflight = self._inflight, None
             outputs += self._complete(inflight)
         if self._inflight is None and self._unreleased:
@@ -170,13 +179,20 @@ class EngineCore:
         if prev is None:
             return self.scheduler.schedule()
         if not self.overlap or any(r.params.has_penalties or r.params.grammar is not None  # need the last token
+                                   or (self.drafter is not None and can_speculate(r))
                                    for r in self.scheduler.running):
             return None
         return self.scheduler.schedule(allow_retract=False)
 
     def _launch(self, step: ScheduledStep, prev: InFlight | None, outputs: list[RequestOutput]) -> None:
         try:
-            launched = self.runner.launch(step.seqs, step.reqs, prev.launched if prev else None)
+            if any(s.num_draft for s in step.seqs):
+                if prev is not None:
+                    raise RuntimeError("a verify step cannot be planned ahead of the step in flight")
+                launched = SpecLaunched(self.runner, step.seqs, step.reqs, self.spec_stats,
+                                        self.cfg.serving.enable_nan_detection)
+            else:
+                launched = self.runner.launch(step.seqs, step.reqs, prev.launched if prev else None)
         except Exception as exc:  # a bad step fails its requests, never the engine
             log.exception("forward step failed")
             outputs += self._fail(step, f"internal error: {exc}", in_flight=prev is not None)
@@ -233,6 +249,11 @@ class EngineCore:
     def load(self) -> dict:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "free_pages": self.kv.num_free, "total_pages": self.kv.num_pages}
+
+    def metrics(self) -> dict:
+        """Counters beyond ``load()``: speculative decoding's drafted / accepted tokens, acceptance
+        rate and tokens gained per verify row (zeros without --speculative-algorithm)."""
+        return self.spec_stats.as_dict()
 
     @property
     def groups(self) -> list["EngineCore"]:

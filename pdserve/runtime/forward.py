@@ -21,6 +21,7 @@ class SeqChunk:
     start_pos: int              # tokens already in the KV cache (cached prefix + earlier chunks)
     page_ids: list[int]         # the request's page table, covering start_pos + len(input_ids)
     need_logits: bool = True    # False for a prefill chunk that is not the prompt's last
+    num_draft: int = 0          # speculative verify: the last num_draft inputs are drafts (logits for 1 + num_draft)
 
     @property
     def num_new_tokens(self) -> int:
@@ -74,7 +75,7 @@ def build_forward_batch(seqs: list[SeqChunk], page_size: int, device: torch.devi
         positions.extend(range(s.start_pos, s.kv_len))
         out_locs.append(page_slots(s.page_ids, s.start_pos, s.kv_len, page_size))
         if s.need_logits:
-            logits_idx.append(len(ids) - 1)
+            logits_idx.extend(range(len(ids) - 1 - s.num_draft, len(ids)))
     return ForwardBatch(
         seqs=seqs,
         input_ids=_to(torch.tensor(ids, dtype=torch.int64), device),

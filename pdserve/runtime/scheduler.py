@@ -14,6 +14,11 @@ step's counts before its tokens are known (``req.num_future``); a decode request
 is still being sampled gets ``FUTURE_TOKEN`` as its input id, resolved on the device by the runner.
 Planned ahead, ``schedule(allow_retract=False)`` returns None instead of retracting: retraction
 must see the previous step's results.
+
+Speculative decoding (--speculative-algorithm NGRAM, ``spec_ngram.py``): a greedy decoding request
+whose n-gram drafter finds a match gets a row of 1 + k tokens (its last token and k drafts) with
+room for them in its pages; ``commit`` takes the tokens that survived verification, rewinds
+``num_computed`` past the rejected drafts and hands back pages beyond the sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.runtime.forward import FUTURE_TOKEN, SeqChunk
 from pdserve.runtime.kv_manager import KVManager, pages_for
 from pdserve.runtime.request import Request, Status
+from pdserve.runtime.spec_ngram import NgramDrafter, can_speculate
 
 RESERVE_CLIP_TOKENS = 4096     # a request's future output counted in the reserve at most this much
 
@@ -44,8 +50,10 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVManager, max_running: int, max_seq_len: int) -> None:
+    def __init__(self, cfg: SchedulerConfig, kv: KVManager, max_running: int, max_seq_len: int,
+                 drafter: NgramDrafter | None = None) -> None:
         self.cfg = cfg
+        self.drafter = drafter
         self.max_seq_len = max_seq_len
         self.kv = kv
         self.max_running = max_running
@@ -113,8 +121,26 @@ class Scheduler:
                     break
             if req.status is Status.RUNNING:
                 step.reqs.append(req)
-                step.seqs.append(_chunk(req, 1))
+                step.seqs.append(self._decode_chunk(req))
         return True
+
+    def _decode_chunk(self, req: Request) -> SeqChunk:
+        """The request's decode row: its last token, then the drafts that fit its pages (if any)."""
+        chunk = _chunk(req, 1)
+        draft = self.draft(req)
+        if draft and self.kv.ensure_capacity(req, req.seq_len + len(draft)):
+            chunk.input_ids += draft
+            chunk.page_ids = list(req.page_ids)
+            chunk.num_draft = len(draft)
+        return chunk
+
+    def draft(self, req: Request) -> list[int]:
+        """Speculative drafts for ``req``'s next step: none past max_new_tokens (the target adds one
+        token after the accepted drafts) or past the context."""
+        if self.drafter is None or req.num_future or not can_speculate(req):   # (drafts need the last token)
+            return []
+        room = min(req.params.max_new_tokens - len(req.output_ids) - 1, self.max_seq_len - req.seq_len)
+        return self.drafter.propose(req.all_ids, room)
 
     def _schedule_prefill(self, step: ScheduledStep) -> None:
         budget = self.cfg.max_prefill_tokens
@@ -196,7 +222,9 @@ class Scheduler:
                 req.num_computed += seq.num_new_tokens
             if req.is_finished:
                 continue
-            if i in sampled:
+            if i in sampled and seq.num_draft:
+                self._commit_verified(req, seq, sampled[i])
+            elif i in sampled:
                 req.append_token(*sampled[i])
                 if not req.is_finished and req.seq_len >= self.max_seq_len:
                     req.finish("length")
@@ -206,6 +234,23 @@ class Scheduler:
         if release:
             self.release_finished(finished)
         return finished
+
+    def _commit_verified(self, req: Request, seq: SeqChunk, tokens: list[tuple]) -> None:
+        """A verify row's result: ``tokens`` = the accepted drafts, then the target's own next token.
+        The KV of rejected drafts is dropped (``num_computed`` rewound); appending stops at a stop
+        token, max_new_tokens or the context, so no accepted draft overshoots them."""
+        req.num_computed -= seq.num_draft - (len(tokens) - 1)
+        for token in tokens:
+            req.append_token(*token)
+            if not req.is_finished and req.seq_len >= self.max_seq_len:
+                req.finish("length")
+            if req.is_finished:
+                break
+        req.num_computed = min(req.num_computed, req.seq_len - 1)
+        if not req.is_finished:   # pages taken for rejected drafts go back
+            keep = pages_for(req.seq_len, self.kv.page_size)
+            self.kv.allocator.decref(req.page_ids[keep:])
+            del req.page_ids[keep:]
 
     def release_finished(self, reqs: list[Request]) -> None:
         """Give finished requests' pages back; those that ran to a natural end (stop, length)
