@@ -105,3 +105,32 @@ def test_no_page_leaks_after_many_requests_with_aborts(runner, prompts):
     cached = core(runner, NGRAM)                # with the prefix cache: free + cached = the whole pool
     run(cached, items)
     assert cached.kv.num_free + cached.kv.cache.num_pages == cached.kv.num_pages
+
+
+def test_decode_node_speculates_on_kv_moved_in_by_a_prefill_node(runner, prompts, smollm2_path):
+    """Real prefill and decode node processes (KV over NIXL/UCX); only the decode node drafts."""
+    from tests.e2e.test_pd_nodes import Router, start_node, stop
+    items = [(prompts[0], greedy(40, logprobs=True)), (prompts[1], greedy(32)),
+             (prompts[2], SamplingParams(temperature=0.8, max_new_tokens=12, seed=3))]
+    expected = run(core(runner, None), items)
+    p, pinfo = start_node("prefill", smollm2_path)
+    try:
+        d, dinfo = start_node("decode", smollm2_path, "--speculative-algorithm", "NGRAM",
+                              "--speculative-num-draft-tokens", "5")
+        try:
+            router = Router()
+            rids = [router.submit(pinfo, dinfo, ids, params) for ids, params in items]
+            results = router.collect(set(rids))
+            for rid, want in zip(rids, expected):
+                assert results[rid]["error"] is None, results[rid]
+                assert len(results[rid]["tokens"]) == len(want.output_ids)
+            for rid, want in zip(rids[:2], expected):     # (a seeded sample's stream restarts on the decode node)
+                assert results[rid]["tokens"] == want.output_ids
+            assert results[rids[0]]["logprobs"] == pytest.approx(expected[0].logprobs, abs=1e-4)
+            stats = router.stats(dinfo)
+            assert stats.metrics["spec_accepted_tokens"] > 0 and stats.metrics["spec_tokens_per_step"] > 1.5
+            assert stats.free_pages + stats.cached_pages == stats.total_pages    # nothing leaked
+        finally:
+            stop(d)
+    finally:
+        stop(p)
