@@ -56,9 +56,11 @@ class ColocatedNode(NodeBase):
                                              error_code=400, prompt_tokens=len(msg.input_ids)))
             return
         self.reply_to[msg.rid] = msg.reply_to
+        self.node_metrics.begin(msg.rid, "prefill")
 
     def tick(self) -> bool:
         for out in self.core.step():
+            self.node_metrics.on_output(out)
             reply_to = self.reply_to.get(out.rid)
             if reply_to is None:
                 continue

@@ -7,6 +7,8 @@ cache, scheduler, kernel, transfer and router flag ``pdserve up`` accepts reache
 uses it without being listed here. ``up`` waits for the router's ``/health`` (a usable pair is
 registered), prints the URL, optionally asks the ``--demo`` question through the official openai
 client, and serves until Ctrl-C / SIGTERM, which stops the router, then the nodes, then Redis.
+A Redis of its own that dies is started again on the same port (nodes re-register by themselves,
+routers reconnect), and the event is printed.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from pdserve.redis_server import RedisServer, die_with_parent
 from pdserve.router.server import ROUTER_MODEL_FIELDS
 from pdserve.security import derive_keys, redact_url
 
-# NodeConfig fields `up` sets per node itself (the router's --host/--port/--registry-url are not the nodes').
-PER_NODE_FIELDS = {"host", "port", "registry_url", "node_id"}
+# NodeConfig fields `up` sets per node itself (the router's --host/--port/--registry-url are not the nodes';
+# --metrics-port P > 0 gives node i the port P + i).
+PER_NODE_FIELDS = {"host", "port", "registry_url", "node_id", "metrics_port"}
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,10 @@ class Launcher:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[(first_device + k) % len(devices)] for k in range(ranks))
                 first_device += ranks
             engine = dataclasses.replace(self.engine, parallel=parallel[role])
+            metrics_port = self.node_cfg.metrics_port
+            metrics_port += len(self.children) if metrics_port > 0 else 0
             self._spawn(f"{role}-{index}", [command, *self.node_argv(model_path, engine),
-                                            "--node-id", f"{role}-{index}"], env)
+                                            "--node-id", f"{role}-{index}", "--metrics-port", str(metrics_port)], env)
         self._spawn("router", ["router", *self.router_argv(model_path)], dict(os.environ))
         self._write_process_table()
         say(f"started {len(roles)} node(s) and the router; logs in {self.log_dir}")
@@ -237,6 +242,20 @@ class Launcher:
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if c.proc.poll() is not None]
+
+    def keep_redis_up(self) -> None:
+        """Start our Redis again (same port, same password) if it died."""
+        if self.redis is None or self.redis.is_running:
+            return
+        code = self.redis.proc.returncode if self.redis.proc is not None else "?"
+        say(f"warning: redis exited with code {code}; starting it again on port {self.redis.port} "
+            f"(nodes re-register)")
+        try:
+            self.redis.start()
+        except RuntimeError as exc:   # e.g. the port was taken meanwhile; tried again on the next turn
+            say(f"error: {exc}")
+            return
+        self._write_process_table()
 
     # -- stopping ------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -351,6 +370,7 @@ def _serve(launcher: Launcher, router: RouterConfig) -> int:
         run_demo(launcher.url, model, router.api_key, launcher.launch.demo, launcher.launch.demo_max_tokens)
     reported: set[str] = set()
     while True:
+        launcher.keep_redis_up()
         for child in launcher.dead_children():
             if child.name == "router":
                 raise LaunchError(f"the router exited with code {child.proc.returncode}", [child])

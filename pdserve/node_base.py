@@ -5,6 +5,13 @@ PUSH socket to the request's ``reply_to``, registers its ``NodeInfo`` (and load)
 ``--registry-url`` is given, and otherwise prints one ``READY {json}`` line on stdout so a
 launcher or test can find it. Subclasses implement ``handle`` (one message) and ``tick`` (one
 unit of engine work; True while there is more).
+
+SIGTERM drains: the registry record is rewritten with ``draining`` set (routers send no new work;
+they keep the node listed, so the requests it holds are not ended as if it had died), the loop
+serves on until nothing is in flight or ``--drain-timeout-s`` has passed, then the node deregisters
+and exits; a router re-dispatches what was left unfinished before its first token (the node's
+leaving ends those attempts). A second SIGTERM, or ``--drain-timeout-s 0``, stops at once.
+Each node also serves Prometheus ``/metrics`` (``pdserve.node_metrics``, ``--metrics-port``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import zmq
 from pdserve.config import ServerConfig, add_config_args, config_from_args
 from pdserve.protocol import (EmbedOut, EmbedReq, GenerateReq, LoadReport, NodeInfo, NodeMessage, NodeStats, StatsReq,
                               TokenOut, decode_node_message, encode)
+from pdserve.node_metrics import NodeMetrics
 from pdserve.runtime.embedding import Embedder
 from pdserve.runtime.kv_manager import KVManager
 from pdserve.runtime.model_runner import ModelRunner
@@ -31,6 +39,7 @@ from pdserve.security import ClusterAuth, install
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 5
+MIN_DRAIN_S = 0.5   # served on after marking the record draining, for requests sent before routers saw it
 
 
 class NodeBase:
@@ -57,7 +66,11 @@ class NodeBase:
         self.node_id = cfg.node.node_id or f"{self.role}-{host}-{port}"
         self._push: dict[str, zmq.Socket] = {}
         self._running = True
+        self._drain_deadline: float | None = None   # set by SIGTERM: drain until then
+        self._drain_started: float | None = None
         self.started_at = time.time()
+        self.node_metrics = NodeMetrics(self)
+        self.metrics_url: str | None = None
 
     # -- to be provided by each role ---------------------------------------------------------
     def handle(self, msg: NodeMessage) -> None:
@@ -102,7 +115,8 @@ class NodeBase:
                         fingerprint=r.fingerprint, dtype=r.layout.dtype, page_size=r.layout.page_size,
                         context_length=r.context_length, vocab_size=r.vocab_size, tp=self.cfg.engine.parallel.tp,
                         dp=self.cfg.engine.parallel.dp, max_total_tokens=r.pool.capacity_tokens,
-                        started_at=self.started_at, is_embedding=self.embedder is not None)
+                        started_at=self.started_at, is_embedding=self.embedder is not None,
+                        metrics_url=self.metrics_url, ttl_s=self.cfg.node.registry_ttl_s)
 
     def load_report(self) -> LoadReport:
         return LoadReport(node_id=self.node_id, timestamp=time.time(), **self.load())
@@ -146,9 +160,10 @@ class NodeBase:
             warm_up(self.runner, self.kv)
             if self.runner.sampler.grammar is not None:
                 self.runner.sampler.grammar.warm()   # structured output's library, in the background
+        self.metrics_url = self.node_metrics.serve(self.cfg.node.host, self.cfg.node.metrics_port)
         registrar = self._start_registrar()
         watchdog = Watchdog(serving.watchdog_timeout, on_stuck=lambda _: registrar and registrar.stop()).start()
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         info = self.node_info()
         print("READY " + json.dumps(msgspec.to_builtins(info)), flush=True)
         busy, steps_since_drain = False, 0
@@ -162,6 +177,8 @@ class NodeBase:
                 with watchdog.step():
                     busy = self.tick()
                 steps_since_drain += 1
+                if self._drain_deadline is not None and self._is_drained(registrar):
+                    break
         except KeyboardInterrupt:
             pass
         finally:
@@ -182,10 +199,41 @@ class NodeBase:
     def stop(self) -> None:
         self._running = False
 
+    def _on_sigterm(self, *_) -> None:
+        if self._drain_deadline is not None or self.cfg.node.drain_timeout_s == 0:
+            self.stop()   # a second SIGTERM, or no draining asked for
+        else:
+            self._drain_deadline = time.monotonic() + self.cfg.node.drain_timeout_s
+
+    def num_in_flight(self) -> int:
+        load = self.load()
+        return load["waiting"] + load["running"]
+
+    def _is_drained(self, registrar) -> bool:
+        """One loop turn of draining: True once nothing is in flight (or the time is up)."""
+        now = time.monotonic()
+        if self._drain_started is None:
+            self._drain_started = now
+            log.info("SIGTERM: draining %d request(s), at most %g s", self.num_in_flight(),
+                     self.cfg.node.drain_timeout_s)
+            if registrar is not None:
+                registrar.mark_draining()
+        if now - self._drain_started < MIN_DRAIN_S:
+            return False
+        left = self.num_in_flight()
+        if left and now < self._drain_deadline:
+            return False
+        if left:
+            log.warning("drain timeout: leaving with %d request(s) unfinished (routers retry those not started)", left)
+        else:
+            log.info("drained in %.2f s", now - self._drain_started)
+        return True
+
     def close(self) -> None:
         for sock in self._push.values():
             sock.close(linger=200)
         self.pull.close(linger=0)
+        self.node_metrics.close()
         self.runner.close()   # a TP node's other ranks
 
 

@@ -132,6 +132,8 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     protocol_version: int = PROTOCOL_VERSION
     started_at: float = 0.0
     is_embedding: bool = False           # serves /v1/embeddings only (--is-embedding)
+    draining: bool = False               # SIGTERM: finishing its requests, takes no new ones
+    ttl_s: float = 3.0                   # record TTL: a load report older than this is stale
 
 
 class LoadReport(msgspec.Struct, kw_only=True):

@@ -16,6 +16,16 @@ re-SCAN every ``scan_interval_s``. A node leaves the view when its record is del
 (event) or is missing from a scan. While Redis is unreachable the view keeps its last state; after
 reconnecting it waits ``resync_grace_s`` before dropping nodes missing from a scan, so that nodes
 have time to re-register into a restarted (empty) Redis.
+
+Liveness does not hang on the registry alone: a router also watches each node's socket
+(``pdserve.router.liveness``) and ``evict``s a node it cannot reach, at once, whether Redis is up or
+not. An evicted instance stays out of the view (scans do not bring it back) for ``evict_hold_s``;
+a new process under the same id is admitted at once.
+
+A draining node (SIGTERM, ``NodeRegistrar.mark_draining``) keeps its record, with ``draining`` set,
+until its in-flight requests are done: ``nodes()`` (where new work goes) leaves it out at once,
+``draining_nodes()`` lists it, and it leaves the view only when it deregisters, so the requests it
+is finishing are not ended as if it had died.
 """
 
 from __future__ import annotations
@@ -81,6 +91,15 @@ class NodeRegistrar:
         """Replace the record (written on the next tick)."""
         self.info = info
         self._registered.clear()
+
+    def mark_draining(self) -> None:
+        """Rewrite the record with ``draining`` set, now (routers stop sending new work)."""
+        self.info = msgspec.structs.replace(self.info, draining=True)
+        try:
+            self._register(int(self.ttl_s * 1000))
+        except redis.RedisError as exc:   # the heartbeat thread writes it when Redis is back
+            self._registered.clear()
+            log.warning("registry: could not mark %s draining now (%s); retrying", self.info.node_id, exc)
 
     def stop(self, deregister: bool = True) -> None:
         """Stop heartbeating; with ``deregister`` delete the record now instead of letting it expire."""
@@ -170,13 +189,16 @@ class RegistryView:
     """A router's live, thread-safe copy of the registry; ``add_listener`` hears joins and leaves."""
 
     def __init__(self, url: str, namespace: str = DEFAULT_NAMESPACE, scan_interval_s: float = 1.0,
-                 resync_grace_s: float = 2.0) -> None:
+                 resync_grace_s: float = 2.0, evict_hold_s: float = 10.0) -> None:
         self.url, self.ns = url, namespace
-        self.scan_interval_s, self.resync_grace_s = scan_interval_s, resync_grace_s
+        self.scan_interval_s, self.resync_grace_s, self.evict_hold_s = scan_interval_s, resync_grace_s, evict_hold_s
         self._db = int(redis.connection.parse_url(url).get("db", 0) or 0)
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeInfo] = {}
         self._loads: dict[str, LoadReport] = {}
+        self._load_seen: dict[str, float] = {}       # node_id -> monotonic time its latest report arrived
+        self._evicted: dict[str, tuple[str, float, float]] = {}   # node_id -> (addr, started_at, hold until)
+        self._last_sync: float | None = None         # monotonic time of the last successful scan
         self._listeners: list[Listener] = []
         self._stop = threading.Event()
         self._synced = threading.Event()
@@ -202,8 +224,35 @@ class RegistryView:
         self._listeners.append(fn)
 
     def nodes(self) -> dict[str, NodeInfo]:
+        """The nodes that take new work (draining ones are left out)."""
         with self._lock:
-            return dict(self._nodes)
+            return {k: v for k, v in self._nodes.items() if not v.draining}
+
+    def draining_nodes(self) -> dict[str, NodeInfo]:
+        with self._lock:
+            return {k: v for k, v in self._nodes.items() if v.draining}
+
+    def load_ages(self) -> dict[str, float]:
+        """Seconds since each node's latest load report reached this view."""
+        now = time.monotonic()
+        with self._lock:
+            return {k: now - t for k, t in self._load_seen.items()}
+
+    @property
+    def registry_age_s(self) -> float | None:
+        """Seconds since the last successful scan of the registry (None before the first)."""
+        return None if self._last_sync is None else time.monotonic() - self._last_sync
+
+    def evict(self, node_id: str, reason: str) -> None:
+        """Drop a node this router found dead on its own (listeners hear "removed"); the same
+        instance is kept out for ``evict_hold_s`` even if its record is still in the registry."""
+        with self._lock:
+            info = self._nodes.get(node_id)
+            if info is None:
+                return
+            self._evicted[node_id] = (info.addr, info.started_at, time.monotonic() + self.evict_hold_s)
+        log.warning("registry view: evicting %s (%s): %s", node_id, info.role, reason)
+        self._remove(node_id)
 
     def loads(self) -> dict[str, LoadReport]:
         with self._lock:
@@ -270,6 +319,9 @@ class RegistryView:
             for report in loads:
                 if report.node_id in self._nodes:
                     self._keep_newer_load(report)
+            now = time.monotonic()
+            self._evicted = {k: v for k, v in self._evicted.items() if v[2] > now and k in seen}
+        self._last_sync = time.monotonic()
         self.num_resyncs += 1
         self._synced.set()
 
@@ -310,9 +362,13 @@ class RegistryView:
         old = self._loads.get(report.node_id)
         if old is None or report.timestamp >= old.timestamp:
             self._loads[report.node_id] = report
+            if old is None or report.timestamp > old.timestamp:
+                self._load_seen[report.node_id] = time.monotonic()
 
     def _upsert(self, info: NodeInfo) -> None:
         with self._lock:
+            if self._is_evicted(info):
+                return
             old = self._nodes.get(info.node_id)
             if old is not None and _is_same_instance(old, info):
                 self._nodes[info.node_id] = info
@@ -324,10 +380,21 @@ class RegistryView:
         log.info("registry view: + %s (%s at %s)", info.node_id, info.role, info.addr)
         self._notify("added", info)
 
+    def _is_evicted(self, info: NodeInfo) -> bool:
+        """Lock held. The instance this router evicted, still within its hold?"""
+        entry = self._evicted.get(info.node_id)
+        if entry is None:
+            return False
+        if (entry[0], entry[1]) == (info.addr, info.started_at) and entry[2] > time.monotonic():
+            return True
+        del self._evicted[info.node_id]   # a new process under that id, or the hold is over
+        return False
+
     def _remove(self, node_id: str) -> None:
         with self._lock:
             info = self._nodes.pop(node_id, None)
             self._loads.pop(node_id, None)
+            self._load_seen.pop(node_id, None)
         if info is not None:
             log.info("registry view: - %s (%s)", node_id, info.role)
             self._notify("removed", info)

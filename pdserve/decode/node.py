@@ -80,6 +80,7 @@ class DecodeNode(ColocatedNode):
                       eos_token_ids=self.core.eos_ids, generator=make_generator(msg.sampling, self.runner.device))
         self.reply_to[msg.rid] = msg.reply_to
         self.prealloc.append(DecodeJob(req, msg.transfer_id, msg.prefill_bootstrap, msg.reply_to))
+        self.node_metrics.begin(msg.rid, "queue")
 
     def _abort(self, rid: str, reason: str) -> None:
         for job in list(self.prealloc):
@@ -122,6 +123,7 @@ class DecodeNode(ColocatedNode):
                 return
             self.prealloc.popleft()
             self.transferring[job.transfer_id] = job
+            self.node_metrics.lap(job.req.rid, "queue", then="kv_wait")
             self.receiver.expect(job.transfer_id, job.prefill_bootstrap,
                                  job.req.page_ids[:pages_for(prompt_len, grp.kv.page_size)], dp_group=verdict)
 
@@ -167,6 +169,7 @@ class DecodeNode(ColocatedNode):
         req.num_computed = len(req.prompt_ids)
         req.num_cached = first.cached_tokens
         req.append_token(first.token_id, first.logprob, first.top_logprobs)
+        self.node_metrics.lap(req.rid, "kv_wait", then="first_decode")
         grp = self.core.groups[job.group]
         if grp.kv.cache is not None:   # the prompt's full pages serve later requests with its prefix (n > 1)
             grp.kv.cache.insert(req.prompt_ids, req.page_ids)
@@ -189,6 +192,7 @@ class DecodeNode(ColocatedNode):
         self.send(job.reply_to, msg)
         if out.finished:
             self.reply_to.pop(job.req.rid, None)
+            self.node_metrics.end(job.req.rid)
 
     def load(self) -> dict:
         load = self.core.load()

@@ -81,6 +81,7 @@ class PrefillNode(NodeBase):
             job.dst_pages = early[1]
         self.jobs[msg.transfer_id] = job
         self.sched.add(job)
+        self.node_metrics.begin(msg.rid, "queue")
         log.debug("prefill %s: %d tokens queued (dest %s)", msg.rid, len(msg.input_ids),
                   "known" if job.dst_pages is not None else "pending")
 
@@ -89,6 +90,8 @@ class PrefillNode(NodeBase):
         self._poll_transfers()
         step, jobs = self.sched.schedule()
         if step:
+            for job in jobs:
+                self.node_metrics.lap(job.rid, "queue", then="prefill")
             try:
                 sampled = self.runner.step(step.seqs, step.reqs)
             except Exception as exc:
@@ -100,6 +103,8 @@ class PrefillNode(NodeBase):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("step: %s", [(j.rid, s.num_new_tokens) for j, s in zip(jobs, step.seqs)])
             for job in jobs:
+                if job.finished_prefill:
+                    self.node_metrics.lap(job.rid, "prefill", then="transfer")
                 self._push_ready_pages(job)
         for job in self.sched.expired(self.cfg.transfer.transfer_timeout_s):
             self._drop(job, ok=False, error="decode node never sent its page locations")
@@ -154,6 +159,11 @@ class PrefillNode(NodeBase):
         self.sched.remove(job, cache=cache)
         self.jobs.pop(job.transfer_id, None)
         self.sender.forget(job.transfer_id)
+        if ok:
+            self.node_metrics.lap(job.rid, "transfer")
+            self.node_metrics.count_prompt(len(job.req.prompt_ids), job.req.num_cached)
+            self.node_metrics.on_transfer(m.kv_bytes if m else 0, m.busy_ms if m else 0.0)
+        self.node_metrics.end(job.rid)
         if notify_router:
             self.send(job.reply_to, PrefillStatus(
                 rid=job.rid, transfer_id=job.transfer_id, ok=ok, error=error,

@@ -2,7 +2,9 @@
 
 ``/v1/chat/completions``, ``/v1/completions``: OpenAI-compatible generation (see generate.py).
 ``/v1/models``: the served model. ``/health``: 200 only when a compatible prefill+decode pair or
-a colocated node is registered. ``/metrics``: Prometheus. ``/nodes``: the registry view as JSON
+a colocated node is usable (status ``degraded`` while the registry is unreachable: nodes are then
+known from the router's last view and its own liveness probes), else 503; ``registry_age_s`` says
+how long ago the registry was last read. ``/metrics``: Prometheus. ``/nodes``: the registry view as JSON
 (records, latest load, this router's in-flight attempts per node), for ``pdserve bench`` and
 operators. ``--api-key`` guards ``/v1``, ``/nodes`` and ``/metrics`` (unless ``--metrics-no-auth``;
 not the probe ``/health``). Every error body has OpenAI's shape.
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.router import liveness
 from pdserve.router.core import Router
 from pdserve.router.dashboard import add_dashboard_routes
 from pdserve.router.errors import APIError
@@ -33,9 +36,12 @@ def create_app(router: Router) -> FastAPI:
     async def lifespan(app: FastAPI):
         grammar.preload()   # structured output: xgrammar's import (seconds) off the event loop
         await router.start()
+        prober = liveness.attach(router)   # dead nodes are noticed without the registry too
         try:
             yield
         finally:
+            if prober is not None:
+                prober.stop()
             await router.stop()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -109,9 +115,11 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
     async def health() -> JSONResponse:
         nodes = router.nodes().values()
         counts = {role: sum(1 for n in nodes if n.role == role) for role in ("prefill", "decode", "colocated")}
-        is_ok = router.is_healthy()
-        body = {"status": "ok" if is_ok else "unavailable", "registry_connected": _registry_connected(router),
-                **counts}
+        is_ok, is_connected = router.is_healthy(), _registry_connected(router)
+        age = router.view.registry_age_s if router.view is not None else None
+        status = "unavailable" if not is_ok else "ok" if is_connected else "degraded"
+        body = {"status": status, "registry_connected": is_connected,
+                "registry_age_s": None if age is None else round(age, 3), **counts}
         return JSONResponse(body, status_code=200 if is_ok else 503)
 
     @app.get("/metrics")
@@ -125,7 +133,8 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
         check_api_key(router, request)
         loads, inflight = router.loads(), router.inflight()
         out = []
-        for node_id, info in sorted(router.nodes().items()):
+        draining = router.view.draining_nodes() if router.view is not None else {}
+        for node_id, info in sorted({**router.nodes(), **draining}.items()):
             load = loads.get(node_id)
             out.append({**msgspec.to_builtins(info), "load": msgspec.to_builtins(load) if load else None,
                         "router_inflight": inflight.get(node_id, 0)})

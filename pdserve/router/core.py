@@ -37,7 +37,7 @@ class Router:
         self.pairing = Pairing(config.policy)
         self.client = NodeClient(config.host, config.security.cluster_secret)
         self.client.on_refused = self._on_node_refused
-        self.metrics = RouterMetrics(self.nodes, self.loads)
+        self.metrics = RouterMetrics(self.nodes, self.loads, self.load_ages)
         self.live = LiveStats(config.dispatch.slo_window_s, self.metrics.registry)   # dashboard, planner
         self.token_text = lru_cache(maxsize=65536)(lambda tid: tokenizer.decode([tid], skip_special_tokens=False))
         self._inflight: dict[str, int] = defaultdict(int)     # node_id -> attempts bound to it
@@ -62,6 +62,10 @@ class Router:
 
     def loads(self) -> dict[str, LoadReport]:
         return self.view.loads() if self.view is not None else {}
+
+    def load_ages(self) -> dict[str, float]:
+        """Seconds since each node's latest load report arrived (stale gauges are not exported)."""
+        return self.view.load_ages() if self.view is not None else {}
 
     def is_healthy(self) -> bool:
         return has_capacity(self.nodes().values())

@@ -1,8 +1,10 @@
 """Prometheus metrics of the router (``/metrics``).
 
 Request-side series are observed as requests run; node-side series (queue depth, free pages) are
-read from the registry view's latest LoadReports at scrape time, so they are never staler than
-the nodes' report interval and vanish with the node. Each router app has its own
+read from the registry view's latest LoadReports at scrape time and vanish with the node. When a
+node's reports stop reaching the router (Redis down, node stalled) its gauges are not exported once
+its latest report is older than the node's record TTL; ``pdserve_node_report_age_seconds`` says how
+old each node's latest report is. Each router app has its own
 ``CollectorRegistry`` (several apps can live in one process, as in the tests).
 """
 
@@ -23,8 +25,9 @@ GBPS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class _NodeCollector:
-    def __init__(self, nodes: Callable[[], Mapping[str, NodeInfo]], loads: Callable[[], Mapping[str, LoadReport]]):
-        self.nodes, self.loads = nodes, loads
+    def __init__(self, nodes: Callable[[], Mapping[str, NodeInfo]], loads: Callable[[], Mapping[str, LoadReport]],
+                 load_ages: Callable[[], Mapping[str, float]] | None = None):
+        self.nodes, self.loads, self.load_ages = nodes, loads, load_ages
 
     def collect(self):
         labels = ["node_id", "role"]
@@ -32,12 +35,19 @@ class _NodeCollector:
         running = GaugeMetricFamily("pdserve_node_running_requests", "Requests running on the node.", labels=labels)
         free = GaugeMetricFamily("pdserve_node_free_pages", "Free KV pages on the node.", labels=labels)
         total = GaugeMetricFamily("pdserve_node_total_pages", "KV pages on the node.", labels=labels)
+        age = GaugeMetricFamily("pdserve_node_report_age_seconds", "Seconds since the node's latest load "
+                                "report reached this router.", labels=labels)
         nodes, loads = self.nodes(), self.loads()
+        ages = self.load_ages() if self.load_ages is not None else {}
         for node_id, report in loads.items():
             info = nodes.get(node_id)
             if info is None:
                 continue
             key = [node_id, info.role]
+            if node_id in ages:
+                age.add_metric(key, ages[node_id])
+                if ages[node_id] > info.ttl_s:
+                    continue   # stale: better no gauge than a frozen one
             waiting.add_metric(key, report.waiting)
             running.add_metric(key, report.running)
             free.add_metric(key, report.free_pages)
@@ -45,11 +55,12 @@ class _NodeCollector:
         up = GaugeMetricFamily("pdserve_nodes", "Nodes in the registry view, by role.", labels=["role"])
         for role in ("prefill", "decode", "colocated"):
             up.add_metric([role], sum(1 for n in nodes.values() if n.role == role))
-        return [waiting, running, free, total, up]
+        return [waiting, running, free, total, age, up]
 
 
 class RouterMetrics:
-    def __init__(self, nodes: Callable[[], Mapping[str, NodeInfo]], loads: Callable[[], Mapping[str, LoadReport]]):
+    def __init__(self, nodes: Callable[[], Mapping[str, NodeInfo]], loads: Callable[[], Mapping[str, LoadReport]],
+                 load_ages: Callable[[], Mapping[str, float]] | None = None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pdserve_router_requests", "Finished HTTP requests.", ["endpoint", "status"], registry=r)
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being served.", registry=r)
@@ -71,7 +82,7 @@ class RouterMetrics:
                                       ["prefill_node"], registry=r)
         self.transfer_seconds = Histogram("pdserve_transfer_seconds", "KV transfer time per request.",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_NodeCollector(nodes, loads))
+        r.register(_NodeCollector(nodes, loads, load_ages))
 
     def observe_prefill(self, node_id: str, status: PrefillStatus) -> None:
         if not status.ok or status.kv_bytes <= 0:
