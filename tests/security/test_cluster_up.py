@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pdserve.redis_server import free_port
 from pdserve.security import derive_keys
@@ -88,7 +90,7 @@ def test_up_redis_needs_the_derived_password(cluster):
     printed = re.search(r"redis at (\S+)", (log_dir / "up.out").read_text()).group(1)
     port = int(re.fullmatch(r"redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", printed).group(1))   # printed redacted
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=port).keys("*")
+        redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).keys("*")   # (no retries: they back off for seconds)
     assert redis.Redis(port=port, password=derive_keys(SECRET).redis_password).ping()
 
 

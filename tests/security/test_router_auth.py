@@ -6,6 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pdserve.redis_server import RedisServer
 from pdserve.security import derive_keys
@@ -47,7 +49,7 @@ def test_redis_with_a_password_end_to_end():
     with RedisServer(password=password) as server:
         assert server.url.startswith(f"redis://:{password}@127.0.0.1:")
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host=server.host, port=server.port).keys("*")
+            redis.Redis(host=server.host, port=server.port, retry=Retry(NoBackoff(), 0)).keys("*")
         info = NodeInfo(node_id="d0", role="decode", addr="tcp://127.0.0.1:1", model="smollm2", fingerprint="f",
                         dtype="float32", page_size=16, context_length=2048, vocab_size=49152, max_total_tokens=4096)
         registrar = NodeRegistrar(server.url, info, ttl_s=5.0, interval_s=0.2, load_fn=None)
