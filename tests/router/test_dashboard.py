@@ -81,3 +81,18 @@ def test_dashboard_in_headless_chromium_shows_the_nodes_that_are_up(cluster, tmp
     assert colors is not None and len(colors) > 50              # text, tables, bars: not a blank page
     assert shot.stat().st_size > 20_000
     print(json.dumps({"screenshot_bytes": shot.stat().st_size, "colors": len(colors)}))
+
+
+def test_pdserve_plan_reads_the_routers_window(cluster):
+    import sys
+    for _ in range(3):
+        cluster.http.post("/v1/completions", json={"prompt": "word " * 20, "max_tokens": 6, "temperature": 0})
+    cmd = [sys.executable, "-m", "pdserve", "plan", "--base-url", cluster.harness.url]
+    out = subprocess.run([*cmd, "--slo", "ttft=1.0,tpot=0.05"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "prefill nodes: need 1 (have 2)" in out.stdout and "decode nodes:  need 1 (have 1)" in out.stdout
+    plan = json.loads(subprocess.run([*cmd, "--slo", "ttft=0.0001,tpot=0.05", "--json"], capture_output=True,
+                                     text=True, timeout=60).stdout)
+    assert plan["prefill_nodes"] is None and "no node count meets it" in plan["notes"][0]
+    bad = subprocess.run([*cmd, "--slo", "ttft=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--slo: give both ttft and tpot" in bad.stderr
