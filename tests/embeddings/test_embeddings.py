@@ -10,7 +10,6 @@ import torch
 
 from tests.node_procs import start_serve, stop
 
-pytestmark = pytest.mark.slow
 
 TEXTS = ["The capital of France is", "Hello!", "Books became cheaper, literacy spread, and ideas travelled faster."]
 
@@ -31,6 +30,7 @@ def runner(smollm2_path):
                                      page_size=16, cpu_threads=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_engine_embeddings_match_transformers(runner, hf_smollm2, pooling):
     from pdserve.protocol import EmbedReq
@@ -49,6 +49,7 @@ def test_engine_embeddings_match_transformers(runner, hf_smollm2, pooling):
     assert kv.num_free == kv.num_pages   # every page given back
 
 
+@pytest.mark.slow
 def test_engine_refuses_bad_inputs_with_400(runner):
     from pdserve.protocol import EmbedReq
     from pdserve.runtime.embedding import Embedder
@@ -72,6 +73,7 @@ def wait_for(predicate, timeout_s: float, proc, log_path: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_router_embeddings_through_openai_client(smollm2_path, hf_smollm2, tokenizer, redis_server):
     import openai
 
@@ -116,7 +118,7 @@ def test_embeddings_without_an_embedding_node_is_a_400(tokenizer, redis_server):
     from pdserve.registry import NodeRegistrar
     from tests.router.util import RouterHarness, make_info, make_router
 
-    registrar = NodeRegistrar(redis_server.url, make_info("gen-1", role="colocated")).start()
+    registrar = NodeRegistrar(redis_server.url, make_info("gen-1", role="colocated", addr="tcp://127.0.0.1:1")).start()
     router = make_router(tokenizer, redis_server.url)
     harness = RouterHarness(router).start()
     try:
