@@ -128,6 +128,9 @@ class Scheduler:
         """The request's decode row: its last token, then the drafts that fit its pages (if any)."""
         chunk = _chunk(req, 1)
         draft = self.draft(req)
+        extra = pages_for(req.seq_len + len(draft), self.kv.page_size) - len(req.page_ids)
+        if extra > 0 and extra + len(self.running) > self.kv.available_pages():
+            draft = []   # drafts never take the pages the running batch's next tokens need
         if draft and self.kv.ensure_capacity(req, req.seq_len + len(draft)):
             chunk.input_ids += draft
             chunk.page_ids = list(req.page_ids)

@@ -75,8 +75,8 @@ def test_num_draft_tokens_counts_the_last_accepted_token():
 PAGE = 4
 
 
-def _setup(max_new_tokens=32, steps=4):
-    kv = KVManager(64, PAGE, enable_prefix_cache=False)
+def _setup(max_new_tokens=32, steps=4, num_pages=64):
+    kv = KVManager(num_pages, PAGE, enable_prefix_cache=False)
     drafter = NgramDrafter(SpeculativeConfig(speculative_algorithm="NGRAM", speculative_num_steps=steps))
     s = Scheduler(SchedulerConfig(chunked_prefill_size=64), kv, max_running=8, max_seq_len=4096, drafter=drafter)
     prompt = [10, 11, 12, 13, 14, 15, 16, 17, 10, 11]
@@ -136,3 +136,9 @@ def test_requests_that_cannot_speculate_get_plain_rows():
     req.params.temperature = 0
     req.params.repetition_penalty = 1.2
     assert s.schedule().seqs[0].num_draft == 0
+
+
+@pytest.mark.parametrize("num_pages,drafts", [(5, 4), (4, 0)])
+def test_drafts_only_take_pages_the_batch_can_spare(num_pages, drafts):
+    s, kv, req = _setup(max_new_tokens=6, num_pages=num_pages)   # 3 pages held; drafting 4 needs a 4th
+    assert s.schedule().seqs[0].num_draft == drafts
