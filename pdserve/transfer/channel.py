@@ -169,7 +169,7 @@ class BootstrapChannel:
             poller.unregister(sock)
             sock.close(linger=0)
 
-    def _send_raw(self, peer: str, data: bytes) -> None:
+    def _send_raw(self, peer: str, data: bytes, *, is_heartbeat: bool = False) -> None:
         try:
             if peer in self._dealers:
                 self._dealers[peer].send(data, zmq.NOBLOCK)
@@ -177,8 +177,9 @@ class BootstrapChannel:
                 log.warning("dropping a message to %s: not dialed (or already lost)", peer)
             else:
                 self._router.send_multipart([peer.encode(), data], zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("dropping a message to %s: send queue full (peer not reading)", peer)
+        except zmq.Again:   # (a dropped heartbeat is no news: a peer that stays unreachable is PeerLost)
+            if not is_heartbeat:
+                log.warning("dropping a message to %s: send queue full (peer not reading)", peer)
 
     def _drain(self, sock: zmq.Socket, *, router: bool) -> None:
         peer_of_dealer = None if router else next(e for e, s in self._dealers.items() if s is sock)
@@ -205,4 +206,4 @@ class BootstrapChannel:
                 self._forget(peer, poller)
                 self._inbox.put((peer, PeerLost(silent_s=silent_s)))
             else:
-                self._send_raw(peer, beat)
+                self._send_raw(peer, beat, is_heartbeat=True)
