@@ -116,3 +116,32 @@ def test_evicted_instance_is_not_brought_back_by_a_scan(cluster):
     assert "decode-0" not in view.nodes()
     redis_alive = httpx.get(h.url + "/health").json()
     assert redis_alive["registry_connected"] and redis_alive["status"] == "ok"
+
+
+def test_probe_passes_cluster_auth_and_a_node_of_another_cluster_is_unreachable():
+    import zmq
+
+    from pdserve.router.liveness import NodeProber
+    from pdserve.security import ClusterAuth
+    from tests.router.util import make_info
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    ClusterAuth("a-cluster-secret-1").serve(pull, "the test node's request socket")
+    info = make_info("d0", "decode", addr=f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}")
+    verdicts: dict[str, list[str]] = {"same": [], "other": []}
+    probers = [NodeProber(ClusterAuth(secret), on_dead=lambda n, r, k=k: verdicts[k].append(r),
+                          connect_timeout_s=1.5).start()
+               for k, secret in (("same", "a-cluster-secret-1"), ("other", "another-secret-22"))]
+    try:
+        for prober in probers:
+            prober.watch(info)
+        wait_until(lambda: verdicts["other"], 10)
+        time.sleep(0.5)
+        assert verdicts["same"] == []                      # handshake done: alive
+        assert "unreachable" in verdicts["other"][0]       # refused by the node's key check: never up
+    finally:
+        for prober in probers:
+            prober.stop()
+        pull.close(linger=0)
+        ctx.term()
