@@ -66,16 +66,18 @@ class PoolSet:
 
 
 def assemble(pools: PoolSet, src_pages: list[int], route: Route, out: torch.Tensor) -> None:
-    """``out [n, layers, 2, page_size, kv_count_dst, head_dim]`` <- the route's heads of ``src_pages``."""
-    index = {}
+    """``out [n, layers, 2, page_size, kv_count_dst, head_dim]`` <- the route's heads of ``src_pages``:
+    one strided copy per run of consecutive source pages and piece (no gather of whole pages)."""
+    from pdserve.transfer.runs import coalesce
+
+    runs = coalesce(src_pages, range(len(src_pages)))      # (src_start, out_start, n)
     for piece in route.pieces:
         src = pools.rank_pool(piece.src_rank)
-        dev = src.pool.device
-        if dev not in index:
-            index[dev] = torch.tensor(src_pages, dtype=torch.int64, device=dev)
         lo = piece.head_start - src.kv_start
-        rows = src.pool.buffer.index_select(0, index[dev])[..., lo:lo + piece.head_count, :]
-        out[..., piece.dst_offset:piece.dst_offset + piece.head_count, :].copy_(rows, non_blocking=True)
+        heads = slice(piece.dst_offset, piece.dst_offset + piece.head_count)
+        for run in runs:
+            rows = src.pool.buffer[run.src_start:run.src_start + run.num_pages, ..., lo:lo + piece.head_count, :]
+            out[run.dst_start:run.dst_start + run.num_pages, ..., heads, :].copy_(rows, non_blocking=True)
 
 
 class StagingArea:
