@@ -5,7 +5,8 @@ an alias of one) or is refused at parse time with one line that says why:
 ``pdserve: error: --deepep-mode: pdserve serves dense models only``. ``add_config_args`` registers
 the refusals on every command's parser (once per parser), so ``pdserve COMMAND --help`` lists
 them too. ``SEED_FLAGS`` is the whole seed list; docs/flags.md gives each one's status, and
-tests/flags/ checks that every seed flag is accounted for.
+tests/flags/ checks that every seed flag is accounted for. (Structured output's and speculative
+decoding's flags are fields of their own configs, which validate them.)
 
 The seed list: SGLang's docs/backend/server_arguments.md (the revision with the Double Sparsity
 section), plus the seed flags issue 15 names that the page lacks (--gpu-id-step,
@@ -63,12 +64,6 @@ SEED_FLAGS: tuple[str, ...] = (
 
 # Seed spellings that name a pdserve flag: registered as extra option strings of that flag.
 ALIASES: dict[str, str] = {"--tp-size": "--tp", "--dp-size": "--dp"}
-
-# Seed flags built by other parts of issue 15 (structured output, speculative decoding): not refused here.
-IN_PROGRESS: frozenset[str] = frozenset({
-    "--grammar-backend", "--constrained-json-whitespace-pattern", "--speculative-draft-model-path",
-    "--speculative-algorithm", "--speculative-num-steps", "--speculative-num-draft-tokens",
-    "--speculative-eagle-topk", "--speculative-token-map"})
 
 # The seed flags pdserve accepts but handles outside the config tree (every command's own parser).
 PARSER_FLAGS: frozenset[str] = frozenset({"--log-level"})

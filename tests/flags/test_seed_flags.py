@@ -10,7 +10,7 @@ from pdserve import cli
 from pdserve.config import accepted_flags
 from pdserve.launch import build_parser as up_parser
 from pdserve.router.server import build_parser as router_parser
-from pdserve.seed_flags import ALIASES, IN_PROGRESS, PARSER_FLAGS, REFUSED, SEED_FLAGS
+from pdserve.seed_flags import ALIASES, PARSER_FLAGS, REFUSED, SEED_FLAGS
 
 
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -19,13 +19,13 @@ def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def test_seed_list_has_no_duplicates_and_every_table_entry_is_a_seed_flag():
     assert len(SEED_FLAGS) == len(set(SEED_FLAGS))
-    for table in (REFUSED, ALIASES, IN_PROGRESS, PARSER_FLAGS):
+    for table in (REFUSED, ALIASES, PARSER_FLAGS):
         assert set(table) <= set(SEED_FLAGS), set(table) - set(SEED_FLAGS)
 
 
-def test_every_seed_flag_is_accepted_aliased_refused_or_in_progress():
+def test_every_seed_flag_is_accepted_or_refused():
     accepted = accepted_flags() | PARSER_FLAGS
-    unaccounted = [f for f in SEED_FLAGS if f not in accepted and f not in REFUSED and f not in IN_PROGRESS]
+    unaccounted = [f for f in SEED_FLAGS if f not in accepted and f not in REFUSED]
     assert unaccounted == []
     assert not set(REFUSED) & accepted_flags(), "a flag that works must not also be refused"
     # `pdserve up` takes every engine, node and router flag: each accepted seed flag parses there
