@@ -41,8 +41,15 @@ JSON_WS_EBNF = "[ \\n\\r\\t]*"        # how xgrammar's JSON grammars spell "any 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def _xgr():
-    import xgrammar  # imports transformers: seconds on a loaded CPU, so ``preload`` starts it early
+    # xgrammar imports transformers (seconds on a loaded CPU, so ``preload`` / ``warm`` start it
+    # early in a thread). transformers is a lazy module: a second thread importing it half-way
+    # through gets "cannot import name ..." -- hence one lock around the import.
+    with _IMPORT_LOCK:
+        import xgrammar
     return xgrammar
 
 
@@ -112,15 +119,21 @@ def check_whitespace_pattern(pattern: str) -> None:
 @lru_cache(maxsize=CACHE_SIZE)
 def check_grammar(spec: GrammarSpec) -> None:
     """Raise ValueError (naming the request field) if ``spec`` cannot be compiled. Cached."""
-    build_grammar(spec)
+    try:
+        build_grammar(spec)
+    except ValueError:
+        raise
+    except Exception as exc:  # xgrammar missing or broken: the request fails, never the node
+        raise _fail(spec, "the grammar library failed", exc) from None
 
 
 def tokenizer_info(tokenizer, vocab_size: int):
     """xgrammar's view of a pdserve ``Tokenizer`` (token strings, byte-level or not, stop ids)."""
-    from transformers import PreTrainedTokenizerFast
-
+    xgr = _xgr()
+    with _IMPORT_LOCK:   # see _xgr
+        from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
-    return _xgr().TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size,
+    return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size,
                                                  stop_token_ids=list(tokenizer.eos_token_ids))
 
 
