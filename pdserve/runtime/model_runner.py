@@ -134,15 +134,13 @@ class ModelRunner:
         builds its own ``ModelRunner(rank=r)`` and then serves rank 0's steps (``serve_rank``)."""
         from pdserve.loader import load_model  # heavy imports stay out of config-only paths
         from pdserve.runtime.parallel import RankLayout, init_groups
-        from pdserve.runtime.tp_worker import (RankGroup, cpu_threads_per_rank, free_init_method,
-                                               rank_device)
+        from pdserve.runtime.tp_worker import RankGroup, cpu_threads_per_rank, free_init_method
 
         self.cfg = cfg
         check_kernel_flags(cfg, role)  # before the (slow) load
         par = cfg.parallel
         self.rank_layout = RankLayout(par.tp, par.attn_dp, rank)
-        self.device = rank_device(resolve_device(cfg.model.device), rank)
-        self.device = gpu_for_rank(self.device, cfg.model.base_gpu_id, cfg.model.gpu_id_step, rank)
+        self.device = self.rank_device(rank)
         torch.manual_seed(cfg.model.random_seed)
         if cfg.model.cpu_threads is not None or par.tp > 1:
             torch.set_num_threads(cfg.model.cpu_threads or cpu_threads_per_rank(par.tp))
@@ -196,7 +194,7 @@ class ModelRunner:
         """This rank's pool, and (rank 0 of a TP node) every rank's: rank 0 allocates them all, in
         shared memory on CPU or on each rank's device, and hands each worker its own."""
         import torch.distributed as dist
-        from pdserve.runtime.tp_worker import rank_device, take_pool
+        from pdserve.runtime.tp_worker import take_pool
 
         world, rank = self.rank_layout.world_size, self.rank_layout.rank
         if world == 1:
@@ -206,13 +204,18 @@ class ModelRunner:
             pool = KVPool.from_buffer(take_pool(self.groups.control, rank), self.layout, num_pages)
             dist.barrier(group=self.groups.control)
             return pool, []
-        pools = [KVPool(num_pages, layout, rank_device(self.device, r), shared=True)
+        pools = [KVPool(num_pages, layout, self.rank_device(r), shared=True)
                  for r, layout in enumerate(self.rank_kv_layouts())]
         self.ranks.hand_over([p.buffer for p in pools[1:]], [p.shm_path for p in pools[1:]])
         dist.barrier(group=self.groups.control)   # every rank has mapped its pool
         for p in pools:
             p.unlink_shm()
         return pools[0], pools
+
+    def rank_device(self, rank: int) -> torch.device:
+        """Rank r's device: CUDA device --base-gpu-id + r x --gpu-id-step of the visible ones, or the CPU."""
+        m = self.cfg.model
+        return gpu_for_rank(resolve_device(m.device), m.base_gpu_id, m.gpu_id_step, rank)
 
     @property
     def is_parallel(self) -> bool:

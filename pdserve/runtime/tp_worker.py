@@ -58,16 +58,6 @@ def free_init_method(addr: str | None) -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def rank_device(base: torch.device, rank: int) -> torch.device:
-    """Rank r runs on CUDA device r of the node's visible devices (``pdserve up`` gives each node
-    its own ``CUDA_VISIBLE_DEVICES``); on CPU every rank is ``cpu``."""
-    if base.type != "cuda":
-        return base
-    if rank >= torch.cuda.device_count():
-        raise ValueError(f"--tp: rank {rank} needs CUDA device {rank}, only {torch.cuda.device_count()} visible")
-    return torch.device("cuda", rank)
-
-
 def cpu_threads_per_rank(world_size: int) -> int:
     """Each rank's share of the cores when --cpu-threads is not given (CPU ranks share one box)."""
     return max(1, (os.cpu_count() or 1) // world_size)
