@@ -17,9 +17,10 @@ KV_BYTES_513 = -(-513 // 16) * 16 * 30 * 2 * 3 * 64 * 4     # 33 pages x all 30 
 
 @pytest.mark.parametrize("prefill_flags, decode_flags, decode_ranks", [
     ([], ["--tp", "2"], 2),                                                    # 1 -> 2: staged, split
-    (["--tp", "2"], [], 1),                                                    # 2 -> 1: staged, assembled
-    (["--tp", "2"], ["--tp", "2", "--dp", "2", "--enable-dp-attention"], 1),   # 2 -> a DP attention group
-], ids=["p1-d2", "p2-d1", "p2-d2dp2"])
+    # 2 -> 1: each attention group of the decode node is one rank holding every head, assembled from
+    # both prefill ranks (the plain 2 -> 1 mapping, plus DP attention's group placement)
+    (["--tp", "2"], ["--tp", "2", "--dp", "2", "--enable-dp-attention"], 1),
+], ids=["p1-d2", "p2-d1-per-dp-group"])
 def test_mismatched_tp_is_token_identical(smollm2_path, parity_prompts, parity_expected, prefill_flags,
                                           decode_flags, decode_ranks):
     p, pinfo = start_node("prefill", smollm2_path, *prefill_flags)
