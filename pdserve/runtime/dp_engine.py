@@ -93,6 +93,15 @@ class DPEngineCore:
         loads = [g.load() for g in self.groups]
         return {k: sum(load[k] for load in loads) for k in loads[0]}
 
+    def metrics(self) -> dict:
+        """The groups' counters summed (rates are not summable: left out)."""
+        merged: dict = {}
+        for m in (g.metrics() for g in self.groups):
+            for k, v in m.items():
+                if isinstance(v, int):
+                    merged[k] = merged.get(k, 0) + v
+        return merged
+
 
 @dataclass
 class _SchedulerSummary:
