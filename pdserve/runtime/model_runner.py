@@ -366,13 +366,7 @@ class ModelRunner:
 
     def launch(self, seqs: list[SeqChunk], reqs: list, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue forward + sampling of ``seqs`` (``reqs[i]`` owns ``seqs[i]``) on the device."""
-        logits = self.forward(seqs, prev)
-        idx = [i for i, s in enumerate(seqs) if s.need_logits]
-        if not idx:
-            return LaunchedStep(None, [], {})
-        sample = self.sampler.launch(logits, [reqs[i] for i in idx])
-        nonfinite = nonfinite_rows(logits, idx) if self.cfg.serving.enable_nan_detection else []
-        return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)}, nonfinite)
+        return self._sample(self.forward(seqs, prev), seqs, reqs)
 
     def launch_groups(self, steps: list[tuple[list[SeqChunk], list]]) -> list[LaunchedStep]:
         """DP attention: ``steps[g] = (seqs, reqs)`` of attention group g, run as one forward;
@@ -380,14 +374,19 @@ class ModelRunner:
         logits = self.forward_groups([seqs for seqs, _ in steps])
         out, row = [], 0
         for seqs, reqs in steps:
-            idx = [i for i, s in enumerate(seqs) if s.need_logits]
-            if not idx:
-                out.append(LaunchedStep(None, [], {}))
-                continue
-            sample = self.sampler.launch(logits[row:row + len(idx)], [reqs[i] for i in idx])
-            row += len(idx)
-            out.append(LaunchedStep(sample, idx, {seqs[i].rid: r for r, i in enumerate(idx)}))
+            rows = sum(s.need_logits for s in seqs)
+            out.append(self._sample(logits[row:row + rows], seqs, reqs))
+            row += rows
         return out
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SeqChunk], reqs: list) -> LaunchedStep:
+        """Queue sampling of ``logits`` (the rows of ``seqs`` that need logits)."""
+        idx = [i for i, s in enumerate(seqs) if s.need_logits]
+        if not idx:
+            return LaunchedStep(None, [], {})
+        sample = self.sampler.launch(logits, [reqs[i] for i in idx])
+        nonfinite = nonfinite_rows(logits, idx) if self.cfg.serving.enable_nan_detection else []
+        return LaunchedStep(sample, idx, {seqs[i].rid: row for row, i in enumerate(idx)}, nonfinite)
 
     def step(self, seqs: list[SeqChunk], reqs: list) -> dict[int, tuple]:
         """Forward ``seqs`` and sample, waiting for the result: ``{i: (token_id, logprob, top)}``
