@@ -213,17 +213,17 @@ class GrammarBackend:
 
     def mask_logits(self, logits: torch.Tensor, reqs: list) -> None:
         """Set to -inf, in place, the logits ``[N, V]`` of tokens each grammar row's matcher forbids."""
-        rows = []
+        rows, bitmask = [], None
         for i, req in enumerate(reqs):
             if req.params.grammar is None:
                 continue
             state = self.matcher_state(req)
             if state.is_broken or state.matcher.is_terminated():
                 continue
-            if not rows:
+            if bitmask is None:
                 bitmask = self._host_bitmask(len(reqs))
-            state.matcher.fill_next_token_bitmask(bitmask, i)
-            rows.append(i)
+            if state.matcher.fill_next_token_bitmask(bitmask, i):   # False: every token allowed here
+                rows.append(i)
         if rows:
             xgr = _xgr()
             xgr.apply_token_bitmask_inplace(logits, bitmask[:len(reqs)].to(logits.device, non_blocking=True),

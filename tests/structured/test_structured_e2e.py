@@ -28,6 +28,10 @@ PERSON = [{"role": "user", "content": PERSON_PROMPT}]
 WEATHER = [{"role": "user", "content": WEATHER_PROMPT}]
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
 ARGS_SCHEMA = WEATHER_TOOL["function"]["parameters"]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+# The colocated engine path is also covered by test_structured_engine.py: through `pdserve up` the
+# colocated node runs the core cases, the P/D pair (two samplers, one grammar) all of them.
+pd_only = pytest.mark.parametrize("client", ["pd"], indirect=True)
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -76,6 +80,7 @@ def test_json_schema_greedy_and_sampled(client):
         jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
 
 
+@pd_only
 def test_json_object_streamed(client):
     stream = client.chat.completions.create(model="smollm2", messages=PERSON, max_tokens=40, temperature=0.8,
                                             seed=1, stream=True, response_format={"type": "json_object"})
@@ -85,10 +90,19 @@ def test_json_object_streamed(client):
     assert isinstance(json.loads(text), dict)
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_tool_call(client, tool_choice):
-    res = client.chat.completions.create(model="smollm2", messages=WEATHER, max_tokens=60, temperature=0,
-                                         tools=[WEATHER_TOOL], tool_choice=tool_choice, parallel_tool_calls=False)
+def test_tool_call_named(client):
+    check_one_call(client.chat.completions.create(model="smollm2", messages=WEATHER, max_tokens=60, temperature=0,
+                                                  tools=[WEATHER_TOOL], tool_choice=NAMED))
+
+
+@pd_only
+def test_tool_call_required(client):
+    check_one_call(client.chat.completions.create(model="smollm2", messages=WEATHER, max_tokens=60, temperature=0,
+                                                  tools=[WEATHER_TOOL], tool_choice="required",
+                                                  parallel_tool_calls=False))
+
+
+def check_one_call(res) -> None:
     choice = res.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -96,6 +110,7 @@ def test_tool_call(client, tool_choice):
     jsonschema.validate(json.loads(call.function.arguments), ARGS_SCHEMA)
 
 
+@pd_only
 def test_tool_call_streamed_then_answered(client):
     stream = client.chat.completions.create(model="smollm2", messages=WEATHER, max_tokens=60, temperature=0.7,
                                             seed=1, tools=[WEATHER_TOOL], tool_choice="required",
@@ -113,6 +128,7 @@ def test_tool_call_streamed_then_answered(client):
     assert res.choices[0].message.content and not res.choices[0].message.tool_calls
 
 
+@pd_only
 def test_auto_is_text_or_valid_calls(client):
     res = client.chat.completions.create(model="smollm2", messages=WEATHER, max_tokens=30, temperature=0,
                                          tools=[WEATHER_TOOL])
