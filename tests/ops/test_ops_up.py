@@ -7,11 +7,8 @@ The tests run in file order on one cluster (each leaves it as the next one needs
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,37 +16,17 @@ import httpx
 import openai
 import pytest
 
-from pdserve.redis_server import free_port
+from tests.up_procs import Up, start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 400
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cat."}]
 
 
-class Up:
-    def __init__(self, proc: subprocess.Popen, url: str, log_dir) -> None:
-        self.proc, self.url, self.log_dir = proc, url, log_dir
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def pids(self) -> dict[str, int]:
-        return json.loads((self.log_dir / "processes.json").read_text())
-
-    def nodes(self) -> dict[str, dict]:
-        return {n["node_id"]: n for n in httpx.get(self.url + "/nodes", timeout=5).json()["nodes"]}
-
-    def health(self) -> httpx.Response:
-        return httpx.get(self.url + "/health", timeout=5)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
-                         for p in sorted(self.log_dir.glob("*.log")) + [self.log_dir / "up.out"])
-
-    def stream(self, max_tokens: int):
-        return self.client.chat.completions.create(model="smollm2", messages=PROMPT, temperature=0,
-                                                   max_tokens=max_tokens, stream=True,
-                                                   stream_options={"include_usage": True},
-                                                   extra_body={"ignore_eos": True})
+def open_stream(up: Up, max_tokens: int):
+    return up.client.chat.completions.create(model="smollm2", messages=PROMPT, temperature=0, max_tokens=max_tokens,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> float:
@@ -71,42 +48,19 @@ def scrape(url: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("ops-up")
-    port = free_port()
-    out = open(log_dir / "up.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--prefill", "1", "--decode", "2",
-                             "--port", str(port), "--log-dir", str(log_dir), "--max-total-tokens", "4096",
-                             "--policy", "round_robin", "--drain-timeout-s", "60", "--skip-server-warmup"],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Up(proc, f"http://127.0.0.1:{port}", log_dir)
+    handle = start_up(tmp_path_factory.mktemp("ops-up"), "--prefill", "1", "--decode", "2", "--max-total-tokens",
+                      "4096", "--policy", "round_robin", "--drain-timeout-s", "60", "--skip-server-warmup",
+                      num_nodes=3)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"pdserve up exited with {proc.returncode}\n{handle.logs()}")
-            try:
-                if handle.health().status_code == 200 and len(handle.nodes()) == 3:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pdserve up not healthy after {STARTUP_TIMEOUT_S} s\n{handle.logs()}")
-            time.sleep(0.5)
         yield handle
     finally:
-        redis_pid = handle.pids().get("redis") if (log_dir / "processes.json").exists() else None
+        redis_pid = handle.pids().get("redis")
         if redis_pid:
             try:
                 os.kill(redis_pid, signal.SIGCONT)   # in case a test left it stopped
             except ProcessLookupError:
                 pass
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        out.close()
+        stop_up(handle)
 
 
 def test_each_node_serves_metrics_listed_in_nodes(up):
@@ -135,7 +89,7 @@ def test_sigterm_drains_a_decode_node_under_load(up):
 
     def run(i: int) -> None:
         try:
-            chunks = list(up.stream(max_tokens))
+            chunks = list(open_stream(up, max_tokens))
             results[i] = chunks[-1].usage.completion_tokens
         except Exception as exc:   # the assertion below shows it
             results[i] = exc
@@ -153,7 +107,7 @@ def test_sigterm_drains_a_decode_node_under_load(up):
         t.join(timeout=120)
     assert results == [max_tokens] * num_requests               # every in-flight request completed
     wait_until(lambda: "decode-1" not in up.nodes(), 30, "decode-1 to leave")
-    wait_until(lambda: "decode-1 exited with code 0" in (up.log_dir / "up.out").read_text(), 10, "a clean exit")
+    wait_until(lambda: "decode-1 exited with code 0" in up.output(), 10, "a clean exit")
 
 
 def test_node_death_noticed_while_the_registry_hangs(up):
@@ -163,7 +117,7 @@ def test_node_death_noticed_while_the_registry_hangs(up):
         wait_until(lambda: not up.health().json()["registry_connected"], 15, "the router to lose the registry")
         health = up.health()
         assert health.status_code == 200 and health.json()["status"] == "degraded"
-        stream = up.stream(400)
+        stream = open_stream(up, 400)
         first = next(iter(stream))
         assert first.choices
         os.kill(up.pids()["decode-0"], signal.SIGKILL)
@@ -187,6 +141,6 @@ def test_up_restarts_its_redis_and_nodes_reregister(up):
     old = up.pids()["redis"]
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: up.pids()["redis"] != old, 15, "up to start Redis again")
-    assert "redis exited" in (up.log_dir / "up.out").read_text()
+    assert "redis exited" in up.output()
     wait_until(lambda: up.health().json()["registry_connected"] and "prefill-0" in up.nodes(), 20,
                "the router to reconnect and prefill-0 to re-register")

@@ -4,11 +4,8 @@ driven with the official openai client, including kill -9 of nodes and client di
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,32 +13,11 @@ import httpx
 import openai
 import pytest
 
-from pdserve.redis_server import free_port
+from tests.up_procs import start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 400
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Up:
-    def __init__(self, proc: subprocess.Popen, url: str, log_dir) -> None:
-        self.proc, self.url, self.log_dir = proc, url, log_dir
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def pids(self) -> dict[str, int]:
-        return json.loads((self.log_dir / "processes.json").read_text())
-
-    def nodes(self) -> dict[str, dict]:
-        return {n["node_id"]: n for n in httpx.get(self.url + "/nodes", timeout=5).json()["nodes"]}
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
-                         for p in sorted(self.log_dir.glob("*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -49,43 +25,13 @@ def up(tmp_path_factory):
     for module in ("pdserve.prefill.node", "pdserve.decode.node"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not built yet")
-    log_dir = tmp_path_factory.mktemp("up")
-    port = free_port()
-    out = open(log_dir / "up.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--prefill", "2", "--decode", "1",
-                             "--port", str(port), "--log-dir", str(log_dir), "--max-total-tokens", "16384",
-                             "--policy", "round_robin"],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Up(proc, f"http://127.0.0.1:{port}", log_dir)
+    handle = start_up(tmp_path_factory.mktemp("up"), "--prefill", "2", "--decode", "1", "--max-total-tokens",
+                      "16384", "--policy", "round_robin")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"pdserve up exited with {proc.returncode}\n{handle.logs()}")
-            try:
-                if httpx.get(handle.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pdserve up not healthy after {STARTUP_TIMEOUT_S} s\n{handle.logs()}")
-            time.sleep(0.5)
         handle.nodes_at_start = handle.nodes()
         yield handle
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)          # the launcher's own group; it stops everything it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        out.close()
-        for name, pid in json.loads((log_dir / "processes.json").read_text()).items():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            pytest.fail(f"{name} (pid {pid}) outlived `pdserve up`")
+        stop_up(handle)
 
 
 def test_paris_streamed_equals_non_streamed_with_usage(up, tokenizer):
