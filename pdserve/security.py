@@ -149,7 +149,8 @@ def _should_log(key: tuple[str, str, str]) -> bool:
 
 _SERVER_REASONS = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it sent no credentials (started without --cluster-secret?)",
-    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its --cluster-secret differs from this process's (CURVE handshake failed)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: ("its --cluster-secret differs from this process's (CURVE handshake "
+                                            "failed; or a recorded handshake replayed)"),
 }
 _CLIENT_REASONS = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the peer runs without --cluster-secret",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 
 import pytest
 import zmq
 
 from pdserve.config import RouterConfig, SecurityConfig, ServerConfig, config_from_args
+from pdserve import security
 from pdserve.security import ClusterAuth, derive_keys, redact_url
 from pdserve.transfer.channel import BootstrapChannel, PeerLost
 from pdserve.transfer.protocol import KVDest
@@ -43,6 +46,12 @@ def test_redact_url():
     assert redact_url("redis://:s3cr3t@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert redact_url("redis://user:p@ss@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+
+
+@pytest.fixture(autouse=True)
+def fresh_refusal_log(monkeypatch):
+    """Each test sees its own refusals (the log is rate-limited per host and reason, process-wide)."""
+    monkeypatch.setattr(security, "_last_logged", {})
 
 
 @pytest.fixture
@@ -112,6 +121,63 @@ def test_zap_admits_only_the_cluster_client_key(ctx, caplog):
     assert not pull.poll(1500)
     assert _wait_for(lambda: any("its client key is not the cluster's" in line and "refused peer 127.0.0.1" in line
                                  for line in _refusals(caplog))), _refusals(caplog)
+
+
+class RecordingProxy:
+    """A TCP proxy in front of ``target`` that keeps every byte the client sent (a wiretap)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.target_port, self.sent = self.listener.getsockname()[1], target_port, bytearray()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+        self._pipe(client, server, self.sent)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+        while data := src.recv(65536):
+            if record is not None:
+                record += data
+            dst.sendall(data)
+
+
+def _replay_zmtp(sock: socket.socket, sent: bytes) -> None:
+    """Send a recorded client byte stream paced as a ZMTP 3 client paces it: the greeting's 10-byte
+    signature, then (after the server's 11) the greeting's rest, then (after the server's whole
+    64-byte greeting) everything else."""
+    for chunk, wait_for in ((sent[:10], 11), (sent[10:64], 64 - 11)):
+        sock.sendall(chunk)
+        got = b""
+        while len(got) < wait_for:
+            got += sock.recv(wait_for - len(got))
+    sock.sendall(sent[64:])
+
+
+@pytest.mark.parametrize("secret", [None, SECRET])
+def test_a_recorded_session_cannot_be_replayed(ctx, secret, caplog):
+    """Wiretap a member's session, replay its bytes on a new connection: with the secret nothing is
+    delivered (CURVE's per-connection keys); without one the replay delivers the message again."""
+    caplog.set_level(logging.WARNING, logger="pdserve.security")
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    ClusterAuth(secret).serve(pull, "the request socket of a test node")
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    proxy = RecordingProxy(port)
+    member = _push(ctx, f"tcp://127.0.0.1:{proxy.port}", secret)
+    member.send(b"StatsReq from the router")
+    assert pull.poll(5000) and pull.recv() == b"StatsReq from the router"
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", port)) as replay:
+        _replay_zmtp(replay, bytes(proxy.sent))
+        delivered = pull.poll(1500)
+    assert bool(delivered) == (secret is None)
+    if secret is not None:
+        assert b"StatsReq" not in proxy.sent   # and the wiretap read nothing
+        assert _wait_for(lambda: any("replayed" in line for line in _refusals(caplog))), _refusals(caplog)
 
 
 def test_client_refuses_a_server_without_the_secret(ctx, caplog):
