@@ -33,6 +33,9 @@ def test_drain_ends_at_the_timeout_and_the_unfinished_stream_gets_an_error(smoll
             stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=1500,
                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
             assert next(iter(stream)).choices                  # running: far from done in 1 s on a CPU
+            metrics = httpx.get(nodes()[0]["metrics_url"]).text  # a colocated node's own /metrics
+            assert 'pdserve_node_ttft_phase_seconds_count{phase="prefill"} 1.0' in metrics
+            assert "pdserve_node_running_requests 1.0" in metrics and "pdserve_node_prompt_tokens_total 4.0" in metrics
             os.killpg(proc.pid, signal.SIGTERM)
             t0 = time.monotonic()
             time.sleep(0.3)
