@@ -107,7 +107,8 @@ class GenerationRun:
                             live.on_ttft(now - self.arrival)
                     else:
                         metrics.itl.observe(now - last_at)
-                        live.on_itl(now - last_at, self.router.inflight().get(route.decode_id, 1))
+                        per_token = (now - last_at) / max(1, len(out.token_ids))   # --stream-interval batches tokens
+                        live.on_itl(per_token, self.router.inflight().get(route.decode_id, 1))
                     last_at = now
                     delta = output.add(out)
                     if delta.text or delta.logprobs or delta.finish_reason:

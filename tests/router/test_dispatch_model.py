@@ -16,6 +16,8 @@ import pytest
 
 from pdserve.redis_server import free_port
 
+from .test_dispatch_paths import dispatch_counts as parse_dispatch_counts
+
 pytestmark = pytest.mark.slow
 
 MIN_PREFILL_TOKENS = 48
@@ -79,12 +81,7 @@ def colocated(smollm2_path, prompts):
 
 
 def dispatch_counts(url: str) -> dict[tuple[str, str], float]:
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith("pdserve_router_dispatch_total{"):
-            labels = dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].split(","))
-            out[(labels["path"].strip('"'), labels["reason"].strip('"'))] = float(line.rsplit(" ", 1)[1])
-    return out
+    return parse_dispatch_counts(httpx.get(url + "/metrics", timeout=5).text)
 
 
 def complete(client: openai.OpenAI, ids: list[int], n: int = 1):

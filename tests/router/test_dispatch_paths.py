@@ -102,13 +102,18 @@ def cluster(tokenizer, redis_server):
         c.close()
 
 
-def _paths(c: Cluster) -> dict[tuple[str, str], float]:
+def dispatch_counts(metrics_text: str) -> dict[tuple[str, str], float]:
+    """{(path, reason): count} from the router's /metrics text."""
     out = {}
-    for line in c.http.get("/metrics").text.splitlines():
+    for line in metrics_text.splitlines():
         if line.startswith("pdserve_router_dispatch_total{"):
             labels = dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].split(","))
             out[(labels["path"].strip('"'), labels["reason"].strip('"'))] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def _paths(c: Cluster) -> dict[tuple[str, str], float]:
+    return dispatch_counts(c.http.get("/metrics").text)
 
 
 def test_short_prompts_go_direct_and_long_ones_disaggregate(cluster):
