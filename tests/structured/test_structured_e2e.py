@@ -6,23 +6,16 @@ and validates against its schema; tool calls come back in OpenAI's shape."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
-from pdserve.redis_server import free_port
 from tests.structured.cases import PERSON_PROMPT, PERSON_SCHEMA, WEATHER_PROMPT, WEATHER_TOOL
+from tests.up_procs import start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 300
 MODES = {"pd": ["--prefill", "1", "--decode", "1"], "colocated": ["--colocated", "1"]}
 PERSON = [{"role": "user", "content": PERSON_PROMPT}]
 WEATHER = [{"role": "user", "content": WEATHER_PROMPT}]
@@ -36,38 +29,12 @@ pd_only = pytest.mark.parametrize("client", ["pd"], indirect=True)
 
 @pytest.fixture(scope="module", params=list(MODES))
 def client(request, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp(f"up-{request.param}")
-    port = free_port()
-    with open(log_dir / "up.out", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", *MODES[request.param], "--port", str(port),
-                                 "--log-dir", str(log_dir), "--max-total-tokens", "4096", "--cpu-threads", "1"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    up = start_up(tmp_path_factory.mktemp(f"up-{request.param}"), *MODES[request.param],
+                  "--max-total-tokens", "4096", "--cpu-threads", "1")
     try:
-        _wait_healthy(proc, url, log_dir)
-        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        yield up.client
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log_dir) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(log_dir.glob("*")))
-            pytest.fail(f"pdserve up exited with {proc.returncode}\n{logs}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"pdserve up not healthy after {STARTUP_TIMEOUT_S} s")
-        time.sleep(0.5)
+        stop_up(up)
 
 
 def test_json_schema_greedy_and_sampled(client):
