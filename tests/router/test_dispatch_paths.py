@@ -21,7 +21,7 @@ from pdserve.planner import prefill_nodes_needed
 from pdserve.protocol import GenerateReq, PrefillReq
 from pdserve.router.pairing import Target, direct_reason
 
-from .test_flow import Cluster
+from .test_flow import Cluster, cluster_factory  # noqa: F401  (the fixture)
 from .util import make_info, make_load
 
 SLO = parse_slo("ttft=1.0,tpot=0.05")
@@ -90,18 +90,6 @@ def test_direct_reason_thresholds():
 
 # -- through the real router ------------------------------------------------------------------------
 
-@pytest.fixture
-def cluster(tokenizer, redis_server):
-    made = []
-
-    def make(**kw) -> Cluster:
-        made.append(Cluster(tokenizer, redis_server.url, **kw))
-        return made[-1]
-    yield make
-    for c in made:
-        c.close()
-
-
 def dispatch_counts(metrics_text: str) -> dict[tuple[str, str], float]:
     """{(path, reason): count} from the router's /metrics text."""
     out = {}
@@ -116,8 +104,8 @@ def _paths(c: Cluster) -> dict[tuple[str, str], float]:
     return dispatch_counts(c.http.get("/metrics").text)
 
 
-def test_short_prompts_go_direct_and_long_ones_disaggregate(cluster):
-    c = cluster(dispatch=DispatchConfig(disagg_min_prefill_tokens=12))
+def test_short_prompts_go_direct_and_long_ones_disaggregate(cluster_factory):
+    c = cluster_factory(dispatch=DispatchConfig(disagg_min_prefill_tokens=12))
     short = c.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 0})
     long = c.http.post("/v1/completions", json={"prompt": "word " * 40, "max_tokens": 4, "temperature": 0})
     assert short.status_code == long.status_code == 200
@@ -128,8 +116,8 @@ def test_short_prompts_go_direct_and_long_ones_disaggregate(cluster):
     assert _paths(c) == {("direct", "short_prompt"): 1.0, ("disagg", "prefill_pool"): 1.0}
 
 
-def test_n_choices_share_one_prefill_on_the_leaders_decode_node(cluster):
-    c = cluster(decode=("d0", "d1"), token_delay_s=0.01)
+def test_n_choices_share_one_prefill_on_the_leaders_decode_node(cluster_factory):
+    c = cluster_factory(decode=("d0", "d1"), token_delay_s=0.01)
     client = openai.OpenAI(base_url=c.harness.url + "/v1", api_key="none", max_retries=0, timeout=30)
     resp = client.completions.create(model="smollm2", prompt="word " * 40, n=3, max_tokens=5, temperature=0)
     assert sorted(ch.index for ch in resp.choices) == [0, 1, 2]
@@ -143,8 +131,8 @@ def test_n_choices_share_one_prefill_on_the_leaders_decode_node(cluster):
     assert _paths(c) == {("disagg", "prefill_pool"): 1.0, ("direct", "shared_prefix"): 2.0}
 
 
-def test_admission_control_sheds_with_429_and_retry_after(cluster):
-    c = cluster(token_delay_s=0.15, dispatch=DispatchConfig(slo="ttft=5,tpot=0.02", admission_control=True))
+def test_admission_control_sheds_with_429_and_retry_after(cluster_factory):
+    c = cluster_factory(token_delay_s=0.15, dispatch=DispatchConfig(slo="ttft=5,tpot=0.02", admission_control=True))
     body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "stream": True}
     first_done = threading.Event()
 
