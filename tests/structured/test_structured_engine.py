@@ -4,6 +4,7 @@ greedy or sampled, in one batch with an unconstrained request, parses and matche
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -54,6 +55,15 @@ def test_tool_call_arguments_match_the_parameters(engine):
     assert content is None and len(calls) == 1
     assert calls[0]["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_regex_and_ebnf(engine):
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Give me a phone number."}])
+    out = engine.generate([prompt, prompt], [
+        {"temperature": 1.0, "seed": 3, "max_new_tokens": 12, "grammar": {"kind": "regex", "source": r"\d{3}-\d{4}"}},
+        {"temperature": 0.0, "max_new_tokens": 6, "grammar": {"kind": "ebnf", "source": 'root ::= "yes" | "no"'}}])
+    assert re.fullmatch(r"\d{3}-\d{4}", out[0]["text"]) and out[0]["finish_reason"] == "stop"
+    assert out[1]["text"] in ("yes", "no") and out[1]["finish_reason"] == "stop"
 
 
 def test_bad_grammar_is_refused_before_it_runs(engine):
