@@ -6,51 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pdserve.redis_server import free_port
-from tests.router.test_e2e_up import STARTUP_TIMEOUT_S, Up
+from tests.up_procs import start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("up-tp")
-    port = free_port()
-    out = open(log_dir / "up.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--prefill", "1", "--decode", "1",
-                             "--decode-tp", "2", "--port", str(port), "--log-dir", str(log_dir),
-                             "--max-total-tokens", "8192", "--registry-ttl-s", "2", "--load-report-interval-s", "0.25"],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Up(proc, f"http://127.0.0.1:{port}", log_dir)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(handle):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"pdserve up did not become healthy\n{handle.logs()}")
-            time.sleep(0.5)
-        yield handle
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out.close()
-
-
-def _healthy(up: Up) -> bool:
-    try:
-        return httpx.get(up.url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    handle = start_up(tmp_path_factory.mktemp("up-tp"), "--prefill", "1", "--decode", "1", "--decode-tp", "2",
+                      "--max-total-tokens", "8192", "--registry-ttl-s", "2", "--load-report-interval-s", "0.25",
+                      num_nodes=2)
+    yield handle
+    stop_up(handle)
 
 
 def _alive(pid: int) -> bool:
