@@ -96,8 +96,8 @@ def test_stop_tokens_and_max_new_tokens_are_exact(runner, prompts):
 
 def test_no_page_leaks_after_many_requests_with_aborts(runner, prompts):
     c = core(runner, NGRAM, radix=False)
-    items = [(prompts[i % 3], greedy(8 + 5 * i)) for i in range(10)]
-    reqs = run(c, items, abort_at={4: 1, 9: 6})
+    items = [(prompts[i % 3], greedy(6 + 3 * i)) for i in range(8)]
+    reqs = run(c, items, abort_at={3: 1, 6: 6})
     assert reqs[1].finish_reason == "abort" and reqs[6].finish_reason == "abort"
     assert c.metrics()["spec_accepted_tokens"] > 0
     assert c.kv.num_free == c.kv.num_pages
