@@ -39,6 +39,7 @@ import msgspec
 import redis
 
 from pdserve.protocol import LoadReport, NodeInfo
+from pdserve.security import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,11 @@ class NodeRegistrar:
             try:
                 self._tick()
                 if not self._is_reachable:
-                    log.info("registry: %s reachable again", self.url)
+                    log.info("registry: %s reachable again", redact_url(self.url))
                 self._is_reachable = True
             except redis.RedisError as exc:
                 if self._is_reachable:
-                    log.warning("registry: %s unreachable (%s); retrying every %.2fs", self.url, exc, self.interval_s)
+                    log.warning("registry: %s unreachable (%s); retrying every %.2fs", redact_url(self.url), exc, self.interval_s)
                 self._is_reachable = False
             self._stop.wait(self.interval_s)
 
@@ -275,7 +276,7 @@ class RegistryView:
                 backoff_s = 0.1
             except (redis.RedisError, OSError) as exc:
                 if self.is_connected:
-                    log.warning("registry view: lost %s (%s); serving from the last view", self.url, exc)
+                    log.warning("registry view: lost %s (%s); serving from the last view", redact_url(self.url), exc)
                 self.is_connected = False
                 self._stop.wait(backoff_s)
                 backoff_s = min(1.0, backoff_s * 2)
@@ -290,7 +291,7 @@ class RegistryView:
                 self._grace_until = time.monotonic() + self.resync_grace_s
             self._resync(client)
             if not self.is_connected and self.num_resyncs > 1:
-                log.info("registry view: reconnected to %s", self.url)
+                log.info("registry view: reconnected to %s", redact_url(self.url))
             self.is_connected = True
             next_scan = time.monotonic() + self.scan_interval_s
             while not self._stop.is_set():
