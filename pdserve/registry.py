@@ -127,7 +127,8 @@ class NodeRegistrar:
                 self._is_reachable = True
             except redis.RedisError as exc:
                 if self._is_reachable:
-                    log.warning("registry: %s unreachable (%s); retrying every %.2fs", redact_url(self.url), exc, self.interval_s)
+                    log.warning("registry: %s unreachable (%s); retrying every %.2fs", redact_url(self.url), exc,
+                                self.interval_s)
                 self._is_reachable = False
             self._stop.wait(self.interval_s)
 
