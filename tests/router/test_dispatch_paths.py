@@ -76,6 +76,23 @@ def test_plan_and_admission_verdicts():
     assert admit(empty, SLO, prefill_queue=50, decode_batch=50).admit          # no samples: no model
 
 
+def test_live_window_forgets_old_samples():
+    from pdserve.router.dashboard import LiveStats
+    live = LiveStats(window_s=0.2)
+    live.on_arrival(100)
+    live.on_ttft(0.5)
+    live.on_itl(0.02, batch=3)
+    live.on_transfer("p0", 4_000_000, 2.0)
+    w = live.window(prefill_nodes=1, decode_nodes=2)
+    assert (w.ttft_samples, w.itl_samples, w.mean_prompt_tokens) == ([0.5], [[3.0, 0.02]], 100)
+    assert live.transfer_summary()["gbps_mean"] == pytest.approx(2.0)
+    time.sleep(0.3)
+    live.on_ttft(0.1)
+    w = live.window(prefill_nodes=1, decode_nodes=2)
+    assert (w.ttft_samples, w.itl_samples, w.request_rate) == ([0.1], [], 0.0)
+    assert live.transfer_summary()["count"] == 0
+
+
 def test_direct_reason_thresholds():
     p0, d0 = make_info("p0", "prefill"), make_info("d0", "decode")
     nodes, target = {"p0": p0, "d0": d0}, Target(decode=d0, prefill=p0)
