@@ -35,8 +35,8 @@ class NgramDrafter:
         self.max_window = cfg.speculative_ngram_max_match_window_size
 
     def propose(self, tokens: list[int], max_draft: int) -> list[int]:
-        """Up to ``min(k, max_draft)`` tokens that followed the latest, longest earlier match of the
-        last n tokens of ``tokens`` (``min_window <= n <= max_window``); [] when nothing matches."""
+        """``min(k, max_draft)`` tokens that followed the latest, longest earlier match of the last n
+        tokens of ``tokens`` (``min_window <= n <= max_window``); [] when nothing matches."""
         k = min(self.num_draft, max_draft)
         if k <= 0 or len(tokens) < self.min_window + 1:
             return []
@@ -45,7 +45,8 @@ class NgramDrafter:
 
 def ngram_draft(seq: np.ndarray, k: int, min_window: int, max_window: int) -> list[int]:
     """The prompt-lookup draft of ``seq [L]``: candidates are earlier positions j holding the last
-    token; each extends its match backwards while ``seq[j - m] == seq[L - 1 - m]``."""
+    token; each extends its match backwards while ``seq[j - m] == seq[L - 1 - m]``. The draft is
+    what followed the best match, continued with the match's period where it reaches the end."""
     n = len(seq)
     ends = np.flatnonzero(seq[:-1] == seq[-1])            # [C] earlier positions holding the last token
     if ends.size == 0:
@@ -63,7 +64,11 @@ def ngram_draft(seq: np.ndarray, k: int, min_window: int, max_window: int) -> li
     if best < min_window:
         return []
     j = int(ends[np.flatnonzero(match == best)[-1]])      # the most recent of the longest matches
-    return seq[j + 1:j + 1 + k].tolist()
+    out = seq[j + 1:j + 1 + k].tolist()
+    period = n - 1 - j                                    # a continuation that runs into the end repeats
+    while len(out) < k:                                   # with the match's period (a loop: "4 4 4" -> 4 ...)
+        out.append(out[len(out) - period])
+    return out
 
 
 def can_speculate(req: Request) -> bool:

@@ -27,7 +27,8 @@ def test_draft_continues_the_longest_then_latest_match():
     assert draft([5, 8, 1, 5, 8, 2, 5, 8], k=2) == [2, 5]
     assert draft([1, 2, 3, 4], k=3) == []                       # the last token never occurred before
     assert draft([1, 2, 9, 3, 2], k=3, lo=2) == []               # only a 1-token match: below the min window
-    assert draft([4, 4, 4, 4], k=8) == [4]                       # a draft stops at the end of what is known
+    assert draft([4, 4, 4, 4], k=5) == [4] * 5                   # a continuation that reaches the end loops
+    assert draft([1, 2, 3, 9, 1, 2, 3], k=6, lo=3) == [9, 1, 2, 3, 9, 1]   # with the match's period (4)
 
 
 def test_drafter_caps_the_draft_at_the_room_left():
