@@ -150,7 +150,8 @@ def test_n_choices_share_one_prefill_on_the_leaders_decode_node(cluster_factory)
 
 def test_admission_control_sheds_with_429_and_retry_after(cluster_factory):
     c = cluster_factory(token_delay_s=0.15, dispatch=DispatchConfig(slo="ttft=5,tpot=0.02", admission_control=True))
-    body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "stream": True}
+    body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 16, "ignore_eos": True, "temperature": 0,
+            "stream": True}   # 16 x 150 ms: still running when the next request comes
     first_done = threading.Event()
 
     def long_stream():
