@@ -5,10 +5,11 @@ each with its own KV pages. Rank 0 keeps one ``EngineCore`` per group (its own s
 table and prefix cache over that group's pool) and runs their steps together: each group plans
 its step, ``ModelRunner.launch_groups`` runs one forward (every group's attention over its own
 pages, the MLP over all groups' tokens), and each group commits its own rows. A request lives in
-one group for its whole life; new requests go to the group with the least load.
+one group for its whole life; new requests go to the group whose prefix cache holds most of the
+prompt, else to the one with the least load.
 
-One request's path: ``add_request`` -> the least-loaded group's waiting queue -> that group's
-running batch -> its rows of each joint step -> finished, pages freed in that group.
+One request's path: ``add_request`` -> the waiting queue of the group caching most of its
+prompt (else the least loaded) -> that group's running batch -> its rows of each joint step -> finished, pages freed in that group.
 Steps are not overlapped (each waits for the previous one's tokens) and run without CUDA graphs:
 the groups' batch sizes differ from step to step.
 """
@@ -50,13 +51,18 @@ class DPEngineCore:
     def context_length(self) -> int:
         return self.runner.context_length
 
-    def pick_group(self) -> int:
-        """The group with the fewest requests (then the most free pages)."""
-        return min(range(len(self.groups)),
-                   key=lambda g: (self.groups[g].scheduler.num_requests, -self.groups[g].kv.available_pages()))
+    def pick_group(self, prompt_ids: list[int] | None = None) -> int:
+        """The group whose prefix cache holds the longest part of the prompt (page-granular: the
+        other choices of an n > 1 request find the first one's pages), then the fewest requests,
+        then the most free pages."""
+        def key(g: int):
+            grp = self.groups[g]
+            cached = grp.kv.prefix_len(prompt_ids) if prompt_ids else 0
+            return -cached, grp.scheduler.num_requests, -grp.kv.available_pages()
+        return min(range(len(self.groups)), key=key)
 
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Request:
-        return self.groups[self.pick_group()].add_request(rid, prompt_ids, params)
+        return self.groups[self.pick_group(prompt_ids)].add_request(rid, prompt_ids, params)
 
     def abort(self, rid: str, reason: str = "abort") -> bool:
         return any(g.abort(rid, reason) for g in self.groups)

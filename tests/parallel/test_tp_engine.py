@@ -51,7 +51,8 @@ def test_parallel_engine_matches_transformers(smollm2_path, parity_prompts, pari
 
 
 def test_dp_groups_both_serve(smollm2_path, parity_prompts):
-    """Two requests at once land in different attention groups (least load first)."""
+    """Two requests at once land in different attention groups (least load first); a later request
+    goes where its prompt's pages are cached."""
     from pdserve import Engine
 
     with Engine(model_path=smollm2_path, tp=2, dp=2, enable_dp_attention=True, **FLAGS) as engine:
@@ -62,3 +63,8 @@ def test_dp_groups_both_serve(smollm2_path, parity_prompts):
         assert [g.scheduler.num_requests for g in core.groups] == [1, 1]
         while core.has_work:
             core.step()
+        again = core.add_request("c", parity_prompts[1], params)     # b's prompt: b ran in group 1
+        assert again in core.groups[1].scheduler.waiting and again.num_cached == 0
+        while core.has_work:
+            core.step()
+        assert again.num_cached == 16 and again.error is None        # one whole page from group 1's cache
