@@ -11,7 +11,7 @@ k > 0 drafts k tokens per request per step and verifies them in one eager extend
 
 Per mode and batch (every prompt runs at least once, ``batch`` requests at a time: batch 1 runs
 them one after another): output tok/s (all output tokens / wall time of the waves, prefill
-included), TPOT (per request (finish - first token) / (tokens - 1), averaged), the acceptance rate
+included), TTFT and TPOT (per request (finish - first token) / (tokens - 1)), averaged, the acceptance rate
 (accepted / drafted tokens), tokens gained per verify row, and whether each request's tokens equal
 the plain mode's (the first differing position otherwise: on a GPU in 16-bit, extend and decode
 attention round differently, so a near-tie can flip).
@@ -82,9 +82,9 @@ def run_batch(core, prompts: list[list[int]], batch: int, max_new_tokens: int, i
     from pdserve.sampling_params import SamplingParams
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     before = core.metrics()
-    reqs, tpots, wall = [], [], 0.0
+    reqs, tpots, ttfts, wall = [], [], [], 0.0
     for start in range(0, len(prompts), batch):
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), time.monotonic()
         wave = [core.add_request(f"b{batch}-{start + i}-{time.monotonic_ns()}",
                                  prompts[(start + i) % len(prompts)], params) for i in range(batch)]
         done: dict[int, float] = {}
@@ -96,6 +96,7 @@ def run_batch(core, prompts: list[list[int]], batch: int, max_new_tokens: int, i
         wall += time.perf_counter() - t0
         tpots += [(done[i] - r.first_token_time) / (len(r.output_ids) - 1)
                   for i, r in enumerate(wave) if len(r.output_ids) > 1]
+        ttfts += [r.first_token_time - m0 for r in wave]
         reqs += wave
     after = core.metrics()
     drafted = after["spec_drafted_tokens"] - before["spec_drafted_tokens"]
@@ -106,7 +107,7 @@ def run_batch(core, prompts: list[list[int]], batch: int, max_new_tokens: int, i
         raise RuntimeError(f"requests failed: {errors[:2]}")
     return {"outputs": [list(r.output_ids) for r in reqs], "tokens": sum(len(r.output_ids) for r in reqs),
             "wall_s": wall, "tok_s": sum(len(r.output_ids) for r in reqs) / wall,
-            "tpot_ms": 1e3 * sum(tpots) / max(len(tpots), 1),
+            "tpot_ms": 1e3 * sum(tpots) / max(len(tpots), 1), "ttft_ms": 1e3 * sum(ttfts) / len(ttfts),
             "accept_rate": accepted / drafted if drafted else None,
             "tokens_per_verify_row": (accepted + rows) / rows if rows else None}
 
@@ -155,7 +156,8 @@ def format_row(r: dict) -> str:
     acc = "-" if r["accept_rate"] is None else f"{r['accept_rate']:.2f}"
     per = "-" if r["tokens_per_verify_row"] is None else f"{r['tokens_per_verify_row']:.2f}"
     mode = "plain" if r["num_steps"] == 0 else f"ngram k={r['num_steps']}"
-    return (f"batch {r['batch']:3d}  {mode:12s}  {r['tok_s']:8.1f} tok/s  TPOT {r['tpot_ms']:7.2f} ms  "
+    return (f"batch {r['batch']:3d}  {mode:12s}  {r['tok_s']:8.1f} tok/s  TTFT {r['ttft_ms']:7.1f} ms  "
+            f"TPOT {r['tpot_ms']:7.2f} ms  "
             f"accept {acc:>5s}  tokens/verify {per:>5s}  {r['tokens']:5d} tokens  "
             f"identical {r['identical']}/{r['requests']}")
 
