@@ -134,3 +134,14 @@ def test_decode_node_speculates_on_kv_moved_in_by_a_prefill_node(runner, prompts
             stop(d)
     finally:
         stop(p)
+
+
+def test_tensor_parallel_engine_verifies_drafts_on_every_rank(runner, prompts, smollm2_path):
+    """tp=2 (a real rank process, gloo): the verify rows reach rank 1 in the broadcast step."""
+    from pdserve.runtime.engine import Engine
+    items = [(prompts[0], greedy(24)), (prompts[1], greedy(24))]
+    expected = [r.output_ids for r in run(core(runner, None), items)]
+    with Engine(model_path=smollm2_path, max_total_tokens=4096, tp=2, speculative_algorithm="NGRAM") as engine:
+        out = engine.generate([ids for ids, _ in items], {"temperature": 0, "max_new_tokens": 24})
+        assert [o["token_ids"] for o in out] == expected
+        assert engine.core.metrics()["spec_accepted_tokens"] > 0
