@@ -376,9 +376,11 @@ class SpeculativeConfig:
     speculative_algorithm: str | None = opt(None, "NGRAM: draft each greedy request's next tokens by matching its "
                                             "last tokens against its prompt and output so far, verify them in one "
                                             "forward. Draft-model algorithms (EAGLE, EAGLE3, STANDALONE) are refused.")
-    speculative_num_steps: int | None = opt(None, f"Tokens drafted per request per step (default "
-                                                  f"{DEFAULT_NGRAM_STEPS}, or --speculative-num-draft-tokens - 1).")
-    speculative_num_draft_tokens: int | None = opt(None, "Tokens per request in a verify forward: the last "
+    speculative_num_steps: int | None = opt(None, f"Most tokens drafted per request per step (default "
+                                                  f"{DEFAULT_NGRAM_STEPS}, or --speculative-num-draft-tokens - 1); "
+                                                  f"a request drafts one more than it had accepted last step, or "
+                                                  f"twice as many when all were.")
+    speculative_num_draft_tokens: int | None = opt(None, "Most tokens per request in a verify forward: the last "
                                                          "accepted one plus the drafted ones (= steps + 1).")
     speculative_eagle_topk: int | None = opt(None, "Draft branches per step: only 1 (NGRAM drafts one chain).")
     speculative_draft_model_path: str | None = opt(None, "Refused: no draft model can be downloaded here; "
@@ -418,7 +420,7 @@ class SpeculativeConfig:
 
     @property
     def num_draft(self) -> int:
-        """Tokens drafted per request per step."""
+        """The most tokens drafted per request per step."""
         if self.speculative_num_steps is not None:
             return self.speculative_num_steps
         if self.speculative_num_draft_tokens is not None:

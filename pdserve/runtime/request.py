@@ -40,6 +40,7 @@ class Request:
     first_token_time: float | None = None
     num_sent: int = 0            # output tokens already handed to the caller
     num_retractions: int = 0
+    draft_budget: int | None = None   # speculative: most tokens to draft next step (None: --speculative-num-steps)
 
     @property
     def all_ids(self) -> list[int]:

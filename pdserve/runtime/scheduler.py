@@ -143,6 +143,8 @@ class Scheduler:
         if self.drafter is None or req.num_future or not can_speculate(req):   # (drafts need the last token)
             return []
         room = min(req.params.max_new_tokens - len(req.output_ids) - 1, self.max_seq_len - req.seq_len)
+        if req.draft_budget is not None:
+            room = min(room, req.draft_budget)
         return self.drafter.propose(req.all_ids, room)
 
     def _schedule_prefill(self, step: ScheduledStep) -> None:
@@ -242,7 +244,10 @@ class Scheduler:
         """A verify row's result: ``tokens`` = the accepted drafts, then the target's own next token.
         The KV of rejected drafts is dropped (``num_computed`` rewound); appending stops at a stop
         token, max_new_tokens or the context, so no accepted draft overshoots them."""
-        req.num_computed -= seq.num_draft - (len(tokens) - 1)
+        accepted = len(tokens) - 1
+        req.num_computed -= seq.num_draft - accepted
+        # Next time: one more than the drafts accepted now, or twice as many if all were (at most k).
+        req.draft_budget = accepted + 1 if accepted < seq.num_draft else 2 * accepted
         for token in tokens:
             req.append_token(*token)
             if not req.is_finished and req.seq_len >= self.max_seq_len:

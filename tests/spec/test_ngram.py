@@ -144,3 +144,12 @@ def test_requests_that_cannot_speculate_get_plain_rows():
 def test_drafts_only_take_pages_the_batch_can_spare(num_pages, drafts):
     s, kv, req = _setup(max_new_tokens=6, num_pages=num_pages)   # 3 pages held; drafting 4 needs a 4th
     assert s.schedule().seqs[0].num_draft == drafts
+
+
+def test_a_request_drafts_one_more_than_it_had_accepted_or_twice_as_many():
+    s, kv, req = _setup()
+    assert s.schedule().seqs[0].num_draft == 4             # the first time: --speculative-num-steps
+    _verify(s, [13, 10])                                     # 1 of 4 accepted
+    step = _verify(s, [11, 12, 13])                          # so 2 drafted ("11 12"), both accepted
+    assert step.seqs[0].input_ids == [10, 11, 12] and step.seqs[0].num_draft == 2
+    assert s.schedule().seqs[0].num_draft == 4             # all accepted: twice as many (at most k = 4)
