@@ -66,7 +66,7 @@ def test_template_is_sandboxed_and_can_raise(hf_folder):
 def test_errors_name_the_flag(hf_folder, tmp_path):
     with pytest.raises(ValueError, match="--tokenizer-path: .*does not exist"):
         load_tokenizer(str(hf_folder), tokenizer_path=str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="--tokenizer-path: no tokenizer.json"):
+    with pytest.raises(ValueError, match="--model-path: no tokenizer.json"):   # the flag the user gave
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text((hf_folder / "tokenizer.json").read_text())
     with pytest.raises(ValueError, match="--chat-template"):
