@@ -115,6 +115,15 @@ def cluster(smollm2_path):
     stop(d)
 
 
+def assert_parity(results: dict[str, dict], rids: dict[str, int], expected) -> None:
+    """Every request ran to its length with transformers' tokens and logprobs (1e-4)."""
+    for rid, i in rids.items():
+        res = results[rid]
+        assert res["error"] is None and res["finish"] == "length", res
+        assert res["tokens"] == expected[i][0], f"prompt {i}"
+        assert res["logprobs"] == pytest.approx(expected[i][1], abs=1e-4)
+
+
 GREEDY = SamplingParams(temperature=0, max_new_tokens=PARITY_NEW_TOKENS, ignore_eos=True, logprobs=True)
 
 
@@ -123,11 +132,7 @@ def test_pd_output_is_token_identical_to_transformers(cluster, parity_prompts, p
     picks = [0, 3, 5, 7]                       # 5, 100, 513 (5 chunks) and 1,200 tokens (10 chunks)
     rids = {r.submit(p, d, parity_prompts[i], GREEDY): i for i in picks}   # all in flight together
     results = r.collect(set(rids))
-    for rid, i in rids.items():
-        res = results[rid]
-        assert res["error"] is None and res["finish"] == "length", res
-        assert res["tokens"] == parity_expected[i][0], f"prompt {i}"
-        assert res["logprobs"] == pytest.approx(parity_expected[i][1], abs=1e-4)
+    assert_parity(results, rids, parity_expected)
     statuses = [results[rid]["prefill"] for rid in rids]
     assert all(s is not None and s.ok for s in statuses)
     big = results[next(rid for rid, i in rids.items() if i == 7)]["prefill"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_pd_nodes import GREEDY, Router, start_node, stop
+from tests.e2e.test_pd_nodes import GREEDY, Router, assert_parity, start_node, stop
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,7 @@ def test_mismatched_tp_is_token_identical(smollm2_path, parity_prompts, parity_e
         r = Router()
         rids = {r.submit(pinfo, dinfo, parity_prompts[i], GREEDY): i for i in PICKS}
         results = r.collect(set(rids))
-        for rid, i in rids.items():
-            res = results[rid]
-            assert res["error"] is None and res["finish"] == "length", res
-            assert res["tokens"] == parity_expected[i][0], f"prompt {i}"
-            assert res["logprobs"] == pytest.approx(parity_expected[i][1], abs=1e-4)
+        assert_parity(results, rids, parity_expected)
         big = results[next(rid for rid, i in rids.items() if i == 5)]["prefill"]
         assert big.ok and big.kv_bytes == KV_BYTES_513          # every head of every page, once
         # one descriptor per page run per decode rank: <= 5 chunk writes + page-boundary splits,
